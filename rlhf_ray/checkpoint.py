@@ -1,0 +1,104 @@
+"""Checkpoint directories that are written atomically: a crash never corrupts the last good one.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    step_000010/            one complete checkpoint
+        model/              HF safetensors + tokenizer (loads in transformers and vLLM as is)
+        deepspeed/state/    optimizer, scheduler and model shards of every rank
+        rng_rank*.pt        per-rank RNG state
+        trainer_state.json  step, epoch, data position, metric history needed to continue
+    latest                  name of the newest complete checkpoint (replaced atomically)
+
+A checkpoint is first written to ``.tmp-step_000010`` and renamed once every part is on disk;
+``latest`` is only updated after the rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to ``path`` through a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class CheckpointDir:
+    """Create, finalise, list and prune the checkpoints of one run."""
+
+    def __init__(self, output_dir: str | os.PathLike, keep: int = 2):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep = keep
+
+    @staticmethod
+    def name(step: int) -> str:
+        return f"step_{step:06d}"
+
+    def staging(self, step: int) -> Path:
+        """A fresh temporary directory to write checkpoint ``step`` into (shared by all ranks)."""
+        tmp = self.root / f".tmp-{self.name(step)}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        return tmp
+
+    def finalize(self, step: int, trainer_state: dict[str, Any]) -> Path:
+        """Write trainer_state.json, rename the staging dir into place, point ``latest`` at it, prune."""
+        tmp = self.root / f".tmp-{self.name(step)}"
+        write_json_atomic(tmp / "trainer_state.json", trainer_state)
+        final = self.root / self.name(step)
+        if final.exists():  # re-saving the same step after a resume: replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
+        latest_tmp = self.root / ".latest.tmp"
+        latest_tmp.write_text(final.name)
+        os.replace(latest_tmp, self.root / "latest")
+        _fsync_dir(self.root)
+        self._prune()
+        return final
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint, or None. Half-written ``.tmp-*`` dirs are never returned."""
+        pointer = self.root / "latest"
+        if pointer.is_file():
+            path = self.root / pointer.read_text().strip()
+            if (path / "trainer_state.json").is_file():
+                return path
+        done = self.complete()
+        return done[-1] if done else None
+
+    def complete(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").is_file())
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in self.root.glob(".tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+    @staticmethod
+    def read_state(path: Path) -> dict[str, Any]:
+        return json.loads((path / "trainer_state.json").read_text())

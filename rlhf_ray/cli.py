@@ -1,0 +1,125 @@
+"""The ``rlhf-ray`` command: train, validate, make-tiny-model, demo.
+
+Thin on purpose: parse -> build the config -> run the job -> report. Config errors exit with code 2
+and a one-line message naming the key (no traceback); anything else propagates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEMO_STEPS = 60
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rlhf-ray", description="LLM post-training on Ray, vLLM and DeepSpeed.")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_ in (("train", "run the job a config describes"),
+                        ("validate", "check a config and its inputs without training")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", help="YAML config file")
+        s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    t = sub.add_parser("make-tiny-model", help="write a small random-init model + tokenizer (no download)")
+    t.add_argument("out_dir")
+    t.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    t.add_argument("--shape", default="tiny", help="tiny, small, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--reward-model", action="store_true", help="a sequence classifier with one score")
+    d = sub.add_parser("demo", help="tiny end-to-end SFT on CPU: make a tiny model, train it on the demo set")
+    d.add_argument("--output-dir", default="runs/demo")
+    d.add_argument("--steps", type=int, default=DEMO_STEPS)
+    return p
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def cmd_train(config: str, overrides: list[str]) -> int:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.jobs import get_job
+
+    cfg = load_config(config, overrides)
+    result = get_job(cfg.job).run(cfg)
+    print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2, default=str))
+    print(f"outputs in {result['output_dir']} (metrics.jsonl, checkpoints/, final/)")
+    return 0
+
+
+def cmd_validate(config: str, overrides: list[str]) -> int:
+    from rlhf_ray.config import load_config
+    from rlhf_ray.jobs import get_job
+    from rlhf_ray.jobs.common import check_model_path, load_tokenizer
+
+    cfg = load_config(config, overrides)
+    check_model_path(cfg)
+    tokenizer = load_tokenizer(cfg)
+    job = get_job(cfg.job)
+    _, _, counts = job.prepare_data(cfg, tokenizer)
+    print(f"config OK: job={cfg.job} model={cfg.model.path} data={cfg.data.path} {counts}")
+    return 0
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from rlhf_ray.models.tiny import make_tiny_model
+
+    out = make_tiny_model(args.out_dir, arch=args.arch, shape=args.shape, seed=args.seed,
+                          num_labels=1 if args.reward_model else None)
+    print(f"wrote {args.shape} {args.arch} {'reward model' if args.reward_model else 'causal LM'} to {out}")
+    return 0
+
+
+def cmd_demo(output_dir: str, steps: int) -> int:
+    """The embedded default: tiny model + demo arithmetic set, 2 CPU learners with ZeRO-2."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.jobs import get_job
+    from rlhf_ray.metrics import read_metrics
+    from rlhf_ray.models.tiny import make_tiny_model
+
+    out = Path(output_dir)
+    model_dir = out / "tiny-model"
+    if not (model_dir / "config.json").is_file():
+        make_tiny_model(model_dir)
+    cfg = load_config(Path(__file__).parent / "configs" / "demo_sft.yaml", [
+        f"model.path={model_dir}", f"train.output_dir={out / 'sft'}", f"train.max_steps={steps}",
+        "train.overwrite=true"])
+    result = get_job(cfg.job).run(cfg)
+    rows = read_metrics(Path(result["output_dir"]) / "metrics.jsonl")
+    first, last = rows[0]["train/loss"], rows[-1]["train/loss"]
+    print(f"\ndemo done: SFT loss {first:.3f} -> {last:.3f} over {len(rows)} steps")
+    print(f"  metrics:     {result['output_dir']}/metrics.jsonl")
+    print(f"  checkpoints: {result['output_dir']}/checkpoints/")
+    print(f"  final model: {result['final_model']}  (AutoModelForCausalLM.from_pretrained / vllm.LLM load it)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rlhf_ray.config import ConfigError
+
+    args = _parser().parse_args(argv)
+    _setup_logging()
+    try:
+        if args.command == "train":
+            return cmd_train(args.config, args.overrides)
+        if args.command == "validate":
+            return cmd_validate(args.config, args.overrides)
+        if args.command == "make-tiny-model":
+            return cmd_make_tiny_model(args)
+        if args.command == "demo":
+            return cmd_demo(args.output_dir, args.steps)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # data errors are user errors too: one clear line, no worker traceback
+        from rlhf_ray.data.errors import DataError
+
+        if isinstance(exc, DataError):
+            print(f"data error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    return 1

@@ -1,0 +1,416 @@
+"""The one typed config tree. Every default is defined here, once.
+
+YAML files, ``key=value`` CLI overrides and ``ray job submit -- rlhf-ray train ...`` all fill these
+dataclasses through ``rlhf_ray.config.load_config``. Each ``__post_init__`` checks ranges and
+raises ``ConfigError`` with the key and what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from rlhf_ray.config.loader import ConfigError
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters through peft; merged into the base weights on export and weight sync."""
+
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    load_in_4bit: bool = False
+    """QLoRA: quantise the frozen base to 4 bit with bitsandbytes (GPU only)."""
+
+    def __post_init__(self) -> None:
+        _check(self.rank > 0, "rank", f"must be > 0, got {self.rank}")
+        _check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        _check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(len(self.target_modules) > 0, "target_modules", "must name at least one module")
+
+
+@dataclass
+class ModelConfig:
+    """The policy (or trained) model: a hub name or a local directory in HF format."""
+
+    path: str = ""
+    """Hub name or local directory; `rlhf-ray make-tiny-model DIR` writes a tiny one."""
+    tokenizer: Optional[str] = None
+    """Tokenizer name or path; defaults to `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "path", "is required: a hub name or a local model directory")
+
+
+@dataclass
+class DataConfig:
+    """Where the rows come from and how they become token ids."""
+
+    path: str = "demo:arithmetic"
+    """A local .jsonl / .json / .parquet file, a `datasets` hub name, or `demo:<name>` (built in)."""
+    split: str = "train"
+    format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    """OpenAI-style list of {role, content}; used when rows carry it instead of prompt/response."""
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+    answer_field: str = "answer"
+    """Ground truth for verifiable rewards (RL jobs); passed to reward functions as a row field."""
+    system_prompt: Optional[str] = None
+    apply_chat_template: bool = True
+    max_length: int = 512
+    """Maximum tokens per example (prompt + response)."""
+    max_prompt_length: int = 256
+    """RL / preference jobs: maximum prompt tokens."""
+    overlength: Literal["truncate", "drop", "error"] = "truncate"
+    on_bad_row: Literal["error", "skip"] = "error"
+    packing: bool = False
+    """Concatenate several examples into one row of `max_length` tokens (attention kept per example)."""
+    shuffle: bool = True
+    max_samples: Optional[int] = None
+    eval_fraction: float = 0.0
+    """Fraction of rows held out for evaluation (taken after a seeded shuffle)."""
+    eval_path: Optional[str] = None
+    demo_size: int = 512
+    """Rows in the built-in `demo:` data sets."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.path), "path", "is required")
+        _check(self.max_length > 1, "max_length", f"must be > 1, got {self.max_length}")
+        _check(self.max_prompt_length > 0, "max_prompt_length", f"must be > 0, got {self.max_prompt_length}")
+        _check(0.0 <= self.eval_fraction < 1.0, "eval_fraction", f"must be in [0, 1), got {self.eval_fraction}")
+        _check(self.max_samples is None or self.max_samples > 0, "max_samples", "must be > 0")
+        _check(self.demo_size > 0, "demo_size", "must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with warmup and a decay schedule."""
+
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    min_lr_ratio: float = 0.0
+    max_grad_norm: float = 1.0
+    """Gradient clipping; 0 disables it."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two numbers in [0, 1)")
+        _check(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _check(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0")
+
+
+@dataclass
+class LearnerConfig:
+    """A DeepSpeed learner group: N Ray actors, one per GPU (or CPU process)."""
+
+    num_workers: int = 1
+    gpus_per_worker: float = 1.0
+    """Set 0 to run on CPU (gloo); `auto` device selection follows this."""
+    cpus_per_worker: float = 1.0
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload: bool = False
+    """ZeRO-Offload: optimizer state (and parameters at stage 3) in host memory."""
+    micro_batch_size: int = 4
+    """Rows per worker per forward pass."""
+    global_batch_size: int = 8
+    """Rows per optimizer step across all workers; = micro_batch_size x workers x accumulation."""
+    zero3_bucket_mb: int = 256
+    """Bucket size for ZeRO-3 parameter gathering when exporting / syncing weights."""
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.gpus_per_worker >= 0, "gpus_per_worker", "must be >= 0")
+        _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
+        per_pass = self.micro_batch_size * self.num_workers
+        _check(
+            self.global_batch_size >= per_pass and self.global_batch_size % per_pass == 0,
+            "global_batch_size",
+            f"must be a multiple of micro_batch_size x num_workers = {per_pass}, got {self.global_batch_size}",
+        )
+
+
+@dataclass
+class TrainConfig:
+    """The step loop: how long, how often to save / evaluate, where outputs go."""
+
+    output_dir: str = "runs/sft"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    save_every: int = 0
+    """Checkpoint every K steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    eval_every: int = 0
+    resume: bool = False
+    """Continue from the latest checkpoint in output_dir: step, data position, optimizer, scheduler, RNG."""
+    overwrite: bool = False
+    """Start over in an output_dir that already holds a run (its metrics and checkpoints are deleted)."""
+    seed: int = 1234
+    timeout_s: float = 600.0
+    """Upper bound for any one remote call or collective; a stall past it ends the run with an error naming it."""
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
+        _check(self.save_every >= 0, "save_every", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+
+
+@dataclass
+class RolloutConfig:
+    """vLLM engines (Ray actors) that generate rollouts from the current policy."""
+
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    n_samples: int = 4
+    """Responses per prompt (the GRPO / RLOO group size)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_new_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory for vLLM (on CPU builds: of host RAM for the KV cache; use ~0.05)."""
+    max_num_seqs: int = 256
+    max_model_len: Optional[int] = None
+    """Defaults to data.max_prompt_length + max_new_tokens."""
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    sleep_between_steps: bool = False
+    """Hybrid placement: vLLM releases its memory while the learners train."""
+    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    weight_sync_bucket_mb: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.num_engines >= 1, "num_engines", "must be >= 1")
+        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
+        _check(self.n_samples >= 1, "n_samples", "must be >= 1")
+        _check(self.temperature >= 0, "temperature", "must be >= 0")
+        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
+        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
+        _check(self.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
+
+
+@dataclass
+class AlgoConfig:
+    """The RL algorithm (PPO / GRPO / REINFORCE family): advantages, losses, KL, update schedule."""
+
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
+    """Advantage estimator (``rlhf_ray.algos.advantages.ADVANTAGES``); ``gae`` needs the critic (PPO)."""
+    policy_loss: Literal["ppo_clip", "vanilla_pg"] = "ppo_clip"
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    """Upper clip (set above clip_ratio_low for DAPO-style asymmetric clipping)."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None disables it."""
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = "token_mean"
+    kl_coef: float = 0.0
+    """KL penalty against the reference model; 0 skips the reference forward entirely."""
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["reward", "loss"] = "loss"
+    adaptive_kl_target: Optional[float] = None
+    """Target KL for the adaptive controller (Ziegler et al.); None keeps kl_coef fixed."""
+    adaptive_kl_horizon: int = 10000
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    value_clip: float = 0.2
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group std (off = Dr. GRPO-like centering only)."""
+    importance_cap: Optional[float] = 2.0
+    """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
+    prompts_per_step: int = 8
+    """Prompts per rollout step (x rollout.n_samples responses)."""
+    mini_batches: int = 1
+    """Optimizer steps per rollout batch, per epoch."""
+    ppo_epochs: int = 1
+    total_steps: int = 20
+    """Rollout steps (each = generate, score, update, sync)."""
+
+    def __post_init__(self) -> None:
+        _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
+        _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
+        _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
+        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
+        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1], lam in [0, 1]")
+        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
+        _check(self.mini_batches >= 1 and self.ppo_epochs >= 1, "mini_batches", "mini_batches and ppo_epochs must be >= 1")
+        _check(self.total_steps >= 1, "total_steps", "must be >= 1")
+
+
+@dataclass
+class RewardConfig:
+    """Where rewards come from: functions (file, built-in, HTTP) and/or a trained reward model."""
+
+    functions: list[str] = field(default_factory=list)
+    """Each one of: `builtin:math`, `builtin:format_think`, `path/file.py[:fn]`, `http(s)://host/score`."""
+    weights: list[float] = field(default_factory=list)
+    """One weight per function (default 1 each); the reward model, if any, has weight 1."""
+    model: Optional[str] = None
+    """Path of a reward model (sequence classifier, e.g. from `job: rm`) scored by a reward group."""
+    num_workers: int = 1
+    gpus_per_worker: float = 1.0
+    timeout_s: float = 120.0
+    """Per call; a reward function or endpoint that takes longer stops the run with its name."""
+
+    def __post_init__(self) -> None:
+        _check(not self.weights or len(self.weights) == len(self.functions), "weights",
+               f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
+        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+
+
+@dataclass
+class CriticConfig:
+    """PPO value model: its own learner group (defaults: the policy's model and learner settings)."""
+
+    model: Optional[str] = None
+    """Defaults to model.path (a token-value head is added)."""
+    lr: float = 5e-6
+    num_workers: Optional[int] = None
+    warmup_steps: int = 0
+
+
+@dataclass
+class RewardModelTrainConfig:
+    """Job ``rm``: a scalar head on a causal-LM backbone trained with the Bradley-Terry loss."""
+
+    margin: float = 0.0
+    """Constant margin m in -log sigmoid(r_chosen - r_rejected - m)."""
+    margin_field: Optional[str] = None
+    """Row field holding a per-pair margin (overrides ``margin`` for rows that have it)."""
+
+    def __post_init__(self) -> None:
+        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+
+
+@dataclass
+class DPOConfig:
+    """Jobs ``dpo`` and ``online_dpo``: the DPO family of pairwise losses."""
+
+    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
+    """sigmoid = DPO (conservative DPO with label_smoothing > 0); ipo = IPO; simpo = reference-free, length-normalised."""
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
+    nll_coef: float = 0.0
+    """Weight of an extra NLL term on the chosen response (RPO-style)."""
+    simpo_gamma: float = 0.5
+    """SimPO target reward margin."""
+    reference: Literal["precompute", "group"] = "precompute"
+    """precompute: reference log-probs in one pass before training; group: a frozen reference learner group."""
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(self.nll_coef >= 0, "nll_coef", "must be >= 0")
+
+
+@dataclass
+class KTOConfig:
+    """Job ``kto``: unpaired desirable / undesirable completions."""
+
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    completion_field: str = "completion"
+    label_field: str = "label"
+
+    def __post_init__(self) -> None:
+        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
+        _check(self.desirable_weight > 0 and self.undesirable_weight > 0, "desirable_weight",
+               "desirable_weight and undesirable_weight must be > 0")
+
+
+@dataclass
+class BestOfNConfig:
+    """Job ``best_of_n``: sample ``rollout.n_samples`` per prompt, score, keep the best as an SFT data set."""
+
+    output_path: str = "best_of_n.jsonl"
+    """Relative paths are inside train.output_dir."""
+    select: Literal["best", "threshold"] = "best"
+    threshold: float = 0.0
+    """select=threshold: keep every response scoring at least this."""
+
+
+@dataclass
+class PlacementConfig:
+    """How roles share GPUs."""
+
+    mode: Literal["separate", "shared", "hybrid"] = "separate"
+    """separate: every role on its own GPUs; shared: actor+reference and critic+reward share;
+    hybrid: learners and vLLM on the same GPUs (vLLM sleeps while learners train)."""
+    strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """PACK fills a node first; SPREAD puts bundles on different nodes."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: Literal["off", "online", "offline"] = "off"
+    wandb_project: str = "rlhf_ray"
+    run_name: Optional[str] = None
+    tensorboard: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None
+    """Ray address; None starts (or joins, if RAY_ADDRESS is set) a local instance."""
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    """Logical GPUs to declare when starting a local instance (tests declare GPUs on CPU nodes)."""
+
+
+@dataclass
+class Config:
+    """The root: which job to run and its sections."""
+
+    model: ModelConfig
+    job: Literal["sft", "rm", "dpo", "kto", "best_of_n", "online_dpo", "ppo", "grpo"] = "sft"
+    data: DataConfig = field(default_factory=DataConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    rm: RewardModelTrainConfig = field(default_factory=RewardModelTrainConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)

@@ -1,0 +1,130 @@
+"""A group of identical Ray actors (one per GPU or CPU process) with timed, named fan-out calls.
+
+Every call waits at most ``timeout_s``; a stall or a crash ends in an error that names the group,
+the method and the ranks that did not answer, never a silent hang.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import PlacementGroup
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+
+class RemoteCallError(RuntimeError):
+    """A remote method raised or its actor died; the message names group, rank and method."""
+
+
+class RemoteCallTimeout(TimeoutError):
+    """A remote method did not return within its timeout; the message names who stalled."""
+
+
+def wait_named(refs: Sequence[ray.ObjectRef], names: Sequence[str], what: str, timeout_s: float) -> list[Any]:
+    """``ray.get`` with a deadline, translating stalls and failures into errors that name the culprit."""
+    refs = list(refs)
+    if not refs:
+        return []
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    # Failures first: a crashed rank usually leaves its peers blocked in a collective.
+    results = []
+    for ref, name in zip(refs, names):
+        if ref in pending:
+            continue
+        try:
+            ray.get(ref, timeout=0)
+        except (RayTaskError, RayActorError) as exc:
+            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+            raise RemoteCallError(f"{what} failed on {name}: {type(cause).__name__}: {cause}") from cause
+    if pending:
+        stalled = [n for r, n in zip(refs, names) if r in pending]
+        raise RemoteCallTimeout(
+            f"{what}: no answer from {', '.join(stalled)} within {timeout_s:.0f} s "
+            "(raise train.timeout_s if the step is just slow; see the actor logs in the Ray dashboard otherwise)")
+    for ref in refs:
+        try:
+            results.append(ray.get(ref, timeout=0))
+        except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
+            raise
+    return results
+
+
+@dataclass
+class GroupSpec:
+    """How to create a group: actor class, size and the resources of each member."""
+
+    name: str
+    actor_cls: type
+    num_workers: int
+    num_gpus: float
+    num_cpus: float
+    env_vars: dict[str, str] | None = None
+
+
+class WorkerGroup:
+    """N actors of one class placed in given placement-group bundles, called with declared fan-out.
+
+    - ``call_all``: the same arguments to every rank (broadcast), all results back.
+    - ``call_split``: one argument list per rank (data-parallel split).
+    - ``call_rank0``: rank 0 only.
+    """
+
+    def __init__(self, spec: GroupSpec, placement_group: PlacementGroup, bundle_indices: Sequence[int],
+                 timeout_s: float, actor_args: Sequence[Any] = ()):
+        if len(bundle_indices) != spec.num_workers:
+            raise ValueError(f"{spec.name}: {spec.num_workers} workers but {len(bundle_indices)} bundles")
+        self.name, self.timeout_s = spec.name, timeout_s
+        remote_cls = ray.remote(spec.actor_cls)
+        env = {"TOKENIZERS_PARALLELISM": "false", **(spec.env_vars or {})}
+        self.actors = [
+            remote_cls.options(
+                num_gpus=spec.num_gpus, num_cpus=spec.num_cpus, name=None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=placement_group, placement_group_bundle_index=int(b),
+                    placement_group_capture_child_tasks=True),
+                runtime_env={"env_vars": env},
+            ).remote(rank, spec.num_workers, *actor_args)
+            for rank, b in enumerate(bundle_indices)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def _names(self, ranks: Sequence[int]) -> list[str]:
+        return [f"{self.name}[rank {r}]" for r in ranks]
+
+    def call_all(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank with the same arguments."""
+        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return wait_named(refs, self._names(range(len(refs))), f"{self.name}.{method}", timeout_s or self.timeout_s)
+
+    def call_split(self, method: str, per_rank: Sequence[Any], *args: Any, timeout_s: float | None = None,
+                   **kwargs: Any) -> list[Any]:
+        """Call ``method(per_rank[r], *args)`` on rank r (the data-parallel split)."""
+        if len(per_rank) != len(self.actors):
+            raise ValueError(f"{self.name}.{method}: {len(per_rank)} shards for {len(self.actors)} ranks")
+        refs = [getattr(a, method).remote(x, *args, **kwargs) for a, x in zip(self.actors, per_rank)]
+        return wait_named(refs, self._names(range(len(refs))), f"{self.name}.{method}", timeout_s or self.timeout_s)
+
+    def call_rank0(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
+        """Call ``method`` on rank 0 only."""
+        ref = getattr(self.actors[0], method).remote(*args, **kwargs)
+        return wait_named([ref], self._names([0]), f"{self.name}.{method}", timeout_s or self.timeout_s)[0]
+
+    def async_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        """Start ``method`` on every rank and return the refs (for overlapping with other groups)."""
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def wait(self, refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None = None) -> list[Any]:
+        """Wait for refs from ``async_all`` with this group's naming and timeout."""
+        return wait_named(refs, self._names(range(len(refs))), f"{self.name}.{method}", timeout_s or self.timeout_s)
+
+    def kill(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)

@@ -1,0 +1,120 @@
+"""Built-in generated data sets, named ``demo:<name>`` in ``data.path``.
+
+Each is small-integer arithmetic, so that a tiny random-init character-level model (see
+``rlhf_ray.models.tiny``) can learn it on a CPU in minutes, and so that correctness is checkable.
+Every set is a pure function of ``(size, seed)``: the same config always yields the same rows.
+
+- ``demo:arithmetic`` (SFT): ``prompt`` "What is 12 + 7?", ``response`` "12 + 7 = 19. The answer is 19.",
+  ``answer`` "19". Addition and subtraction of operands 0..20 (subtraction never goes negative).
+- ``demo:arithmetic_rl`` (RL with a verifiable reward): ``prompt`` "What is 3 + 5? Reply with the
+  number only.", ``answer`` "8". Single-digit addition, so the answer is one or two characters: a
+  random-init char model hits it often enough for a group-relative advantage to have signal.
+- ``demo:preferences`` (reward model / DPO): ``prompt`` as in ``demo:arithmetic``, ``chosen`` the correct
+  response, ``rejected`` the same sentence with a wrong result (off by 1 to 3, never negative).
+  The two differ only in the result digits, so the preference is learnable and unambiguous.
+- ``demo:kto`` (KTO, unpaired): ``prompt``, ``completion`` (correct or wrong as above) and ``label``
+  (True when correct), about half of each.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+MAX_OPERAND = 20
+RL_INSTRUCTION = "Reply with the number only."
+
+
+@dataclass(frozen=True)
+class DemoSet:
+    """A named generator ``(size, seed) -> rows`` with a one-line description."""
+
+    description: str
+    generate: Callable[[int, int], list[dict]]
+
+
+def _problem(rng: random.Random, max_operand: int = MAX_OPERAND, ops: str = "+-") -> tuple[int, str, int, int]:
+    """(a, op, b, result) with a non-negative result."""
+    op = rng.choice(ops)
+    a, b = rng.randint(0, max_operand), rng.randint(0, max_operand)
+    if op == "-" and a < b:
+        a, b = b, a
+    return a, op, b, (a + b if op == "+" else a - b)
+
+
+def _sentence(a: int, op: str, b: int, result: int) -> str:
+    return f"{a} {op} {b} = {result}. The answer is {result}."
+
+
+def _wrong(rng: random.Random, result: int) -> int:
+    delta = rng.choice([-3, -2, -1, 1, 2, 3])
+    # A negative delta at a small result would go below 0; flip it so the wrong answer stays plausible.
+    return result + delta if result + delta >= 0 else result - delta
+
+
+def _rng(name: str, seed: int) -> random.Random:
+    # String seeds hash through sha512, so the rows are stable across Python runs and processes.
+    return random.Random(f"{name}:{seed}")
+
+
+def arithmetic(size: int, seed: int) -> list[dict]:
+    """SFT rows: prompt / response / answer."""
+    rng = _rng("arithmetic", seed)
+    rows = []
+    for _ in range(size):
+        a, op, b, r = _problem(rng)
+        rows.append({"prompt": f"What is {a} {op} {b}?", "response": _sentence(a, op, b, r), "answer": str(r)})
+    return rows
+
+
+def arithmetic_rl(size: int, seed: int) -> list[dict]:
+    """RL rows: prompt / answer (single-digit addition)."""
+    rng = _rng("arithmetic_rl", seed)
+    rows = []
+    for _ in range(size):
+        a, op, b, r = _problem(rng, max_operand=9, ops="+")
+        rows.append({"prompt": f"What is {a} {op} {b}? {RL_INSTRUCTION}", "answer": str(r)})
+    return rows
+
+
+def preferences(size: int, seed: int) -> list[dict]:
+    """Preference rows: prompt / chosen (correct) / rejected (wrong result) / answer."""
+    rng = _rng("preferences", seed)
+    rows = []
+    for _ in range(size):
+        a, op, b, r = _problem(rng)
+        rows.append({"prompt": f"What is {a} {op} {b}?", "chosen": _sentence(a, op, b, r),
+                     "rejected": _sentence(a, op, b, _wrong(rng, r)), "answer": str(r)})
+    return rows
+
+
+def kto(size: int, seed: int) -> list[dict]:
+    """Unpaired rows: prompt / completion / label (True = desirable, i.e. correct) / answer."""
+    rng = _rng("kto", seed)
+    rows = []
+    for _ in range(size):
+        a, op, b, r = _problem(rng)
+        good = rng.random() < 0.5
+        shown = r if good else _wrong(rng, r)
+        rows.append({"prompt": f"What is {a} {op} {b}?", "completion": _sentence(a, op, b, shown),
+                     "label": good, "answer": str(r)})
+    return rows
+
+
+DEMO_SETS: dict[str, DemoSet] = {
+    "arithmetic": DemoSet("SFT: prompt/response, + and - of operands 0..20", arithmetic),
+    "arithmetic_rl": DemoSet("RL: prompt/answer, single-digit addition, answer-only format", arithmetic_rl),
+    "preferences": DemoSet("RM/DPO: prompt/chosen/rejected, rejected has a wrong result", preferences),
+    "kto": DemoSet("KTO: prompt/completion/label, about half correct", kto),
+}
+
+
+def make_demo_rows(name: str, size: int, seed: int = 0) -> list[dict]:
+    """The rows of ``demo:<name>``; an unknown name raises ``DataError`` listing the known ones."""
+    from rlhf_ray.data.errors import DataError
+
+    if name not in DEMO_SETS:
+        raise DataError(f"data.path: unknown demo set 'demo:{name}'; choose one of "
+                        f"{', '.join('demo:' + n for n in sorted(DEMO_SETS))}")
+    return DEMO_SETS[name].generate(size, seed)

@@ -1,0 +1,298 @@
+"""One DeepSpeed learner process: model construction, ZeRO config, the optimizer step, checkpoints.
+
+Used by every job's learner actor (policy, critic, reward model, DPO policy, ...). It knows nothing
+about Ray or about the algorithm: a job hands it micro-batches and an objective (a function of the
+model and one micro-batch returning a scaled loss and metrics) and gets metrics back.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import torch
+
+from rlhf_ray.config.schema import LearnerConfig, ModelConfig, OptimConfig
+from rlhf_ray.engines.lr_schedule import lr_multiplier
+
+log = logging.getLogger(__name__)
+
+Head = Literal["causal_lm", "sequence_score", "token_value"]
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
+
+
+def pick_device() -> torch.device:
+    """CUDA when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """``auto`` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> str:
+    """Join the learner group's default process group (gloo on CPU, NCCL on GPU) through DeepSpeed."""
+    import deepspeed
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    os.environ.update(
+        MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+    )
+    deepspeed.init_distributed(
+        dist_backend=backend, auto_mpi_discovery=False, rank=rank, world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s), verbose=False,
+    )
+    return backend
+
+
+def deepspeed_config(learner: LearnerConfig, optim: OptimConfig, dtype: torch.dtype) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from our typed config (never written by hand by users)."""
+    zero: dict[str, Any] = {
+        "stage": learner.zero_stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_bucket_size": int(5e7),
+    }
+    if learner.offload and learner.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+        if learner.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if learner.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=int(1e4), stage3_max_live_parameters=int(1e9),
+                    stage3_prefetch_bucket_size=int(5e7))
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": learner.micro_batch_size,
+        "gradient_accumulation_steps": learner.grad_accum_steps,
+        "train_batch_size": learner.global_batch_size,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**12,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+    }
+    if optim.max_grad_norm > 0:
+        cfg["gradient_clipping"] = optim.max_grad_norm
+    return cfg
+
+
+def load_model(model_cfg: ModelConfig, head: Head, dtype: torch.dtype, trainable: bool) -> torch.nn.Module:
+    """Load a transformers model (hub name or local dir) with the requested head, LoRA applied if set."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls = {
+        "causal_lm": AutoModelForCausalLM,
+        "sequence_score": AutoModelForSequenceClassification,
+        "token_value": AutoModelForTokenClassification,
+    }[head]
+    kwargs: dict[str, Any] = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    if head != "causal_lm":
+        kwargs["num_labels"] = 1
+    if model_cfg.attn_implementation:
+        kwargs["attn_implementation"] = model_cfg.attn_implementation
+    if model_cfg.lora.enabled and model_cfg.lora.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    model = cls.from_pretrained(model_cfg.path, **kwargs)
+    if head != "causal_lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    if not trainable:
+        model.requires_grad_(False)
+        return model.eval()
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if model_cfg.lora.enabled:
+        from peft import LoraConfig as PeftLoraConfig, TaskType, get_peft_model
+
+        task = {"causal_lm": TaskType.CAUSAL_LM, "sequence_score": TaskType.SEQ_CLS,
+                "token_value": TaskType.TOKEN_CLS}[head]
+        if model_cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+        model = get_peft_model(model, PeftLoraConfig(
+            task_type=task, r=model_cfg.lora.rank, lora_alpha=model_cfg.lora.alpha,
+            lora_dropout=model_cfg.lora.dropout, target_modules=list(model_cfg.lora.target_modules)))
+    return model
+
+
+def save_hf_weights(state: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 5 << 30) -> None:
+    """Write ``state`` as HF safetensors shards (+ index when sharded), as ``save_pretrained`` would.
+
+    Written directly rather than through a model's ``save_pretrained``: building even a meta model
+    under an active ZeRO-3 config starts a collective that only rank 0 would join.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_bytes)
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: state[n].contiguous() for n in names}, str(d / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (d / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+class LearnerEngine:
+    """A DeepSpeed-wrapped model plus optimizer and LR schedule, stepping on given micro-batches."""
+
+    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, learner_cfg: LearnerConfig,
+                 total_steps: int, head: Head = "causal_lm", trainable: bool = True):
+        import deepspeed
+
+        self.device = pick_device()
+        self.dtype = resolve_dtype(model_cfg.dtype, self.device)
+        self.learner_cfg, self.optim_cfg, self.model_cfg = learner_cfg, optim_cfg, model_cfg
+        self.trainable = trainable
+        self.head = head
+        ds_config = deepspeed_config(learner_cfg, optim_cfg, self.dtype)
+        if not trainable:
+            # Frozen models (reference, reward) run ZeRO-3 inference only when asked; otherwise plain.
+            ds_config.pop("gradient_clipping", None)
+            ds_config["zero_optimization"] = {"stage": 3 if learner_cfg.zero_stage == 3 else 0}
+        self._hf_ds_config = None
+        if ds_config["zero_optimization"]["stage"] == 3:
+            # Keeps transformers' from_pretrained partitioning the weights at load (zero.Init).
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(ds_config)
+        model = load_model(model_cfg, head, self.dtype, trainable)
+        self.step = 0
+        if trainable:
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer = self._make_optimizer(params)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+                s, total_steps, optim_cfg.warmup_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio))
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        else:
+            self.engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+            self.optimizer = self.scheduler = None
+            self.engine.eval()
+
+    def _make_optimizer(self, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        o = self.optim_cfg
+        if self.learner_cfg.offload and self.learner_cfg.zero_stage > 0:
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 fused=self.device.type == "cuda")
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The wrapped transformers (or peft) model."""
+        return self.engine.module
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict[str, float]:
+        """One optimizer step over this rank's micro-batches (its share of the global batch).
+
+        ``objective`` must return a loss already scaled so that DeepSpeed's 1/accumulation scaling and
+        data-parallel averaging produce the global objective (see ``jobs``' loss scalers).
+        """
+        if len(micro_batches) != self.engine.gradient_accumulation_steps():
+            raise ValueError(f"train_step got {len(micro_batches)} micro-batches, DeepSpeed expects "
+                             f"{self.engine.gradient_accumulation_steps()} (learner.global_batch_size / "
+                             "(micro_batch_size x num_workers))")
+        self.engine.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        n_tokens = 0
+        for mb in micro_batches:
+            mb = self.to_device(mb)
+            loss, metrics = objective(self.engine, mb)
+            self.engine.backward(loss)
+            self.engine.step()
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            n_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else 0
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        out = {k: v for k, v in sums.items()}
+        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["lr"] = float(self.scheduler.get_last_lr()[0])
+        out["tokens"] = float(n_tokens)
+        out["seconds"] = time.perf_counter() - t0
+        return out
+
+    @torch.no_grad()
+    def forward(self, batch: dict[str, torch.Tensor], fn: Callable[[torch.nn.Module, dict], torch.Tensor]) -> torch.Tensor:
+        """Evaluate ``fn(model, batch)`` without gradients (reference log-probs, values, rewards, eval)."""
+        self.engine.eval()
+        return fn(self.engine, self.to_device(batch)).float().cpu()
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
+        """Optimizer, scheduler and model shards (DeepSpeed format) plus this rank's RNG state."""
+        d = Path(directory)
+        self.engine.save_checkpoint(str(d / "deepspeed"), tag="state", client_state=client_state)
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+        torch.save(rng, d / f"rng_rank{rank}.pt")
+
+    def load_state(self, directory: str | Path) -> dict[str, Any]:
+        """Restore what ``save_state`` wrote; returns the client state (step, data position, ...)."""
+        d = Path(directory)
+        _, client_state = self.engine.load_checkpoint(str(d / "deepspeed"), tag="state",
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        if client_state is None:
+            raise RuntimeError(f"checkpoint {d} has no DeepSpeed state (expected {d / 'deepspeed' / 'state'})")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rng = torch.load(d / f"rng_rank{rank}.pt", weights_only=False)
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step = int(client_state.get("step", 0))
+        return client_state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Full HF-named weights on rank 0 (None elsewhere); ZeRO-3 shards gathered, LoRA merged.
+
+        Every rank must call it (ZeRO-3 gathering is collective).
+        """
+        from rlhf_ray.engines.weight_sync import iter_named_params_for_sync
+
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        out: dict[str, torch.Tensor] = {}
+        zero3 = self.engine.zero_optimization_stage() == 3
+        for name, tensor in iter_named_params_for_sync(self.module, zero3=zero3,
+                                                       bucket_bytes=self.learner_cfg.zero3_bucket_mb << 20):
+            if rank == 0:
+                out[name] = tensor.detach().to("cpu", copy=True)
+        return out if rank == 0 else None
+
+    def export_hf(self, directory: str | Path, tokenizer=None) -> None:
+        """Write a plain transformers checkpoint (safetensors) that transformers and vLLM load as is."""
+        state = self.full_state_dict()
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if rank != 0:
+            return
+        base = self.module
+        if hasattr(base, "get_base_model"):  # peft: the base architecture, LoRA merged into the weights
+            base = base.get_base_model()
+        save_hf_weights(state, directory)
+        base.config.save_pretrained(str(directory))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(directory))
+        gen = getattr(base, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(str(directory))
+        (Path(directory) / "rlhf_ray_export.json").write_text(json.dumps({"head": self.head}))

@@ -1,0 +1,71 @@
+"""Supervised fine-tuning (SFT) on DeepSpeed learners.
+
+Loss: mean negative log-likelihood over *response* tokens of the global batch (prompt tokens are
+masked with -100 by the data pipeline), i.e. a token mean across ranks and accumulation steps, so
+1 worker x 8 accumulation steps and 2 workers x 4 give the same update.
+
+Launch:
+    rlhf-ray train examples/sft_tiny_cpu.yaml                       # this machine (CPU or GPUs)
+    rlhf-ray train my.yaml model.path=Qwen/Qwen2.5-0.5B learner.num_workers=8
+    ray job submit --working-dir . -- rlhf-ray train my.yaml         # a Ray cluster
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rlhf_ray.config import Config
+from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+
+log = logging.getLogger(__name__)
+
+
+def sft_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
+    """``loss_scale`` = accumulation x world / response tokens of the global batch (see objectives.sft)."""
+    n_tokens = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in batch)
+    lc = cfg.learner
+    return {"loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, n_tokens)}
+
+
+def sft_reduce(rank_sums: list[dict]) -> dict[str, float]:
+    nll = sum(r["nll_sum"] for r in rank_sums)
+    tokens = sum(r["response_tokens"] for r in rank_sums)
+    return {"train/loss": nll / max(1.0, tokens), "train/response_tokens": tokens}
+
+
+def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
+    """Load, validate and tokenize the SFT rows (before any GPU is reserved)."""
+    from rlhf_ray.data.batching import pack_examples
+    from rlhf_ray.data.sft import tokenize_sft
+    from rlhf_ray.data.sources import load_rows, split_eval
+
+    rows = load_rows(cfg.data)
+    train_rows, eval_rows = split_eval(rows, cfg.data, seed=cfg.train.seed)
+    train = tokenize_sft(train_rows, tokenizer, cfg.data)
+    evaluation = tokenize_sft(eval_rows, tokenizer, cfg.data) if eval_rows is not None and len(eval_rows) else None
+    train_ex = list(train.examples)
+    if cfg.data.packing:
+        train_ex = pack_examples(train_ex, cfg.data.max_length)
+    counts = {"rows": len(rows), **train.counts()}
+    log.info("sft data: %s", counts)
+    return train_ex, list(evaluation.examples) if evaluation else [], counts
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run SFT as configured; returns paths and final metrics."""
+    from rlhf_ray.data.batching import pad_batch
+    from rlhf_ray.jobs.common import check_model_path, load_tokenizer, prepare_output_dir
+
+    check_model_path(cfg)
+    tokenizer = load_tokenizer(cfg)
+    train, evaluation, counts = prepare_data(cfg, tokenizer)
+    output_dir = prepare_output_dir(cfg)
+    pad_id = tokenizer.pad_token_id
+    task = SupervisedTask(
+        name="sft", objective="sft", head="causal_lm",
+        collate=lambda exs: pad_batch(exs, pad_id),
+        objective_kwargs=sft_objective_kwargs, reduce=sft_reduce)
+    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
+    result["data"] = counts
+    return result

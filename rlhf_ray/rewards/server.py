@@ -1,0 +1,146 @@
+"""A small reference server that hosts any reward file over the protocol in :mod:`rlhf_ray.rewards.http`.
+
+Run it next to the data a reward needs (a sandbox, a judge model, a database), then point the
+trainer at it with ``reward.functions: [http://host:8000/score]``::
+
+    python -m rlhf_ray.rewards.server --reward examples/rewards/length_penalty.py --port 8000
+    python -m rlhf_ray.rewards.server --reward my_rewards.py:code_reward --host 0.0.0.0 --port 8000
+
+``POST`` (any path) scores a batch; ``GET /health`` answers ``{"status": "ok", "reward": name}``.
+A request that is not a valid batch gets a 400, a reward that fails gets a 500 with the
+:class:`RewardError` message, so the trainer's error names the remote function too. Requests are
+served on threads (``ThreadingHTTPServer``); the reward function must tolerate concurrent calls.
+Run it with ``-m`` as above: started as ``python rlhf_ray/rewards/server.py``, the ``http.py``
+beside it would shadow the standard library's ``http`` package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional, Sequence
+
+from rlhf_ray.rewards.base import RewardError, RewardSource, checked_scores
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 1024 * 1024
+"""Largest request accepted (a batch of long responses is a few MB; this only stops runaway bodies)."""
+
+
+def make_server(source: RewardSource, timeout_s: float, host: str = "127.0.0.1",
+                port: int = 0) -> ThreadingHTTPServer:
+    """A bound (not yet serving) server scoring with ``source``, ``timeout_s`` per batch; ``port=0`` picks a free port.
+
+    Serve with ``serve_forever()`` (in a thread if needed); the bound port is ``server.server_address[1]``;
+    stop with ``shutdown()`` then ``server_close()``.
+    """
+    handler = type("RewardHandler", (_RewardHandler,), {"source": source, "timeout_s": timeout_s})
+    server = ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True  # an abandoned request thread must not block shutdown
+    return server
+
+
+def serve_in_thread(server: ThreadingHTTPServer, poll_interval: float = 0.05) -> threading.Thread:
+    """Start ``server.serve_forever()`` in a daemon thread and return the thread (tests, notebooks).
+
+    ``shutdown()`` waits up to ``poll_interval`` for the loop to notice; http.server's 0.5 s default
+    would make every start/stop in a test suite cost half a second.
+    """
+    t = threading.Thread(target=server.serve_forever, args=(poll_interval,), name="reward-server", daemon=True)
+    t.start()
+    return t
+
+
+class _RewardHandler(BaseHTTPRequestHandler):
+    source: RewardSource
+    timeout_s: float
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        if self.path.rstrip("/") == "/health":
+            self._send(HTTPStatus.OK, {"status": "ok", "reward": self.source.name})
+        else:
+            self._send(HTTPStatus.NOT_FOUND, {"error": "POST a batch to score it; GET /health for liveness"})
+
+    def do_POST(self) -> None:  # noqa: N802
+        try:
+            prompts, responses, row_fields = self._read_batch()
+        except ValueError as exc:
+            self._send(HTTPStatus.BAD_REQUEST, {"error": str(exc)})
+            return
+        try:
+            rewards = checked_scores(self.source, prompts, responses, row_fields, self.timeout_s)
+        except RewardError as exc:
+            log.error("%s", exc)
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+            return
+        self._send(HTTPStatus.OK, {"rewards": rewards})
+
+    def _read_batch(self) -> tuple[list[str], list[str], dict[str, list]]:
+        """The request's batch, or ValueError saying what is wrong with it (sent back as a 400)."""
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_BODY_BYTES:
+            raise ValueError(f"expected a JSON body of 1..{MAX_BODY_BYTES} bytes, got Content-Length {length}")
+        try:
+            data = json.loads(self.rfile.read(length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"body is not JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError('body must be an object {"prompts": [...], "responses": [...], "row_fields": {...}}')
+        prompts, responses = data.get("prompts"), data.get("responses")
+        row_fields = data.get("row_fields") or {}
+        if not isinstance(prompts, list) or not isinstance(responses, list):
+            raise ValueError('"prompts" and "responses" must be lists of strings')
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not isinstance(row_fields, dict):
+            raise ValueError('"row_fields" must be an object of lists')
+        for key, values in row_fields.items():
+            if not isinstance(values, list) or len(values) != len(prompts):
+                raise ValueError(f"row field {key!r} must be a list of {len(prompts)} values")
+        return prompts, responses, row_fields
+
+    def _send(self, status: HTTPStatus, body: dict[str, Any]) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
+        # One line per request at debug level instead of http.server's unconditional stderr.
+        log.debug("%s - " + format, self.address_string(), *args)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """CLI: ``python -m rlhf_ray.rewards.server --reward path.py[:fn] [--host H] [--port N] [--timeout-s S]``."""
+    from rlhf_ray.config.schema import RewardConfig
+    from rlhf_ray.rewards import build_reward_source
+
+    p = argparse.ArgumentParser(prog="python -m rlhf_ray.rewards.server", description=__doc__.split("\n\n")[0])
+    p.add_argument("--reward", required=True, help="path/file.py, path/file.py:func, or builtin:<name>")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--timeout-s", type=float, default=RewardConfig.timeout_s,
+                   help="per batch; a slower reward answers 500 (default: reward.timeout_s's default)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    source = build_reward_source(args.reward, args.timeout_s)
+    server = make_server(source, args.timeout_s, args.host, args.port)
+    host, port = server.server_address[:2]
+    log.info("serving %s on http://%s:%s (POST a batch; GET /health)", source.describe(), host, port)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()

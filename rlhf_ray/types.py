@@ -1,0 +1,68 @@
+"""The one batch object that crosses actor boundaries in RL jobs.
+
+Shapes: B sequences (prompts x samples), T tokens per padded sequence (prompt + response, right
+padded). Per-token tensors have shape (B, T-1): entry t belongs to token ``input_ids[:, t+1]``
+(what a causal LM predicts from position t), so log-probs, values, rewards and advantages line up
+without further shifting. ``action_mask`` is 1 on generated (response) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import torch
+
+TOKEN_FIELDS = ("action_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "token_rewards",
+                "advantages", "returns")
+
+
+@dataclass
+class RolloutBatch:
+    """Sequences, masks and every per-token quantity of one RL step."""
+
+    # sequences
+    input_ids: torch.Tensor                    # (B, T) prompt + response, right padded
+    attention_mask: torch.Tensor               # (B, T) 1 on real tokens
+    action_mask: torch.Tensor                  # (B, T-1) 1 where input_ids[:, t+1] was generated
+    group_index: torch.Tensor                  # (B,) which prompt each sequence answers
+    # log-probs of the generated tokens
+    rollout_logprobs: torch.Tensor             # (B, T-1) from vLLM at sampling time
+    old_logprobs: Optional[torch.Tensor] = None  # (B, T-1) learner's, before this step's update
+    ref_logprobs: Optional[torch.Tensor] = None  # (B, T-1) reference model's
+    # value / reward / advantage
+    values: Optional[torch.Tensor] = None      # (B, T-1) critic
+    rewards: Optional[torch.Tensor] = None     # (B,) sequence reward (functions + reward model)
+    token_rewards: Optional[torch.Tensor] = None  # (B, T-1) with KL-in-reward applied
+    advantages: Optional[torch.Tensor] = None  # (B, T-1)
+    returns: Optional[torch.Tensor] = None     # (B, T-1)
+    # text and row fields for reward functions and logging (not sent to learners)
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    row_fields: dict[str, list[Any]] = field(default_factory=dict)
+    finish_reasons: list[str] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def tensors(self, indices: list[int] | torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The named tensor fields for ``indices``, trimmed to the longest sequence among them.
+
+        Trimming keeps micro-batches of short responses cheap when the step's longest is long.
+        """
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        length = int(self.attention_mask[idx].sum(dim=1).max())
+        out: dict[str, torch.Tensor] = {}
+        for name in names:
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"RolloutBatch.{name} is not filled in yet")
+            value = value[idx]
+            if value.dim() == 2:
+                value = value[:, : length if name in ("input_ids", "attention_mask") else length - 1]
+            out[name] = value.contiguous()
+        return out
+
+    def tensor_fields(self) -> list[str]:
+        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]

@@ -1,0 +1,116 @@
+"""The learner Ray actor: a thin shell around ``LearnerEngine`` (one per GPU / CPU process).
+
+Each method is a fan-out target of ``WorkerGroup``; objectives are looked up by name in
+``rlhf_ray.engines.objectives`` so no code travels as pickled closures.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from rlhf_ray.config.schema import LearnerConfig, ModelConfig, OptimConfig
+
+
+def node_address() -> str:
+    """This node's IP as Ray sees it (what peers on other nodes can reach)."""
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerWorker:
+    """One rank of a DeepSpeed learner group (policy, critic, reference, reward model...)."""
+
+    def __init__(self, rank: int, world_size: int):
+        self.rank, self.world_size = rank, world_size
+        self.engine = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """Rank 0's address and a free port for the group's process group."""
+        return node_address(), free_port()
+
+    def setup(self, master: tuple[str, int], model_cfg: ModelConfig, optim_cfg: OptimConfig,
+              learner_cfg: LearnerConfig, total_steps: int, head: str, trainable: bool, seed: int,
+              timeout_s: float) -> dict[str, Any]:
+        """Join the process group and build the engine; returns device facts for the plan printout."""
+        import torch
+
+        from rlhf_ray.engines.learner import LearnerEngine, init_distributed
+
+        cpus = max(1, int(learner_cfg.cpus_per_worker))
+        torch.set_num_threads(cpus)
+        backend = init_distributed(self.rank, self.world_size, master[0], master[1], timeout_s)
+        torch.manual_seed(seed)
+        self.engine = LearnerEngine(model_cfg, optim_cfg, learner_cfg, total_steps, head=head, trainable=trainable)
+        n_params = sum(p.numel() for p in self.engine.module.parameters())
+        n_train = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
+        return {"rank": self.rank, "node": node_address(), "backend": backend, "device": str(self.engine.device),
+                "params": n_params, "trainable_params": n_train, "pid": os.getpid(),
+                "gpu_ids": _gpu_ids()}
+
+    def train_step(self, micro_batches: list[dict], objective: str, objective_kwargs: dict | None = None) -> dict:
+        """One optimizer step on this rank's micro-batches with the named objective."""
+        from rlhf_ray.engines.objectives import get_objective
+
+        fn = get_objective(objective)
+        kwargs = objective_kwargs or {}
+        return self.engine.train_step(micro_batches, lambda model, mb: fn(model, mb, **kwargs))
+
+    def evaluate(self, micro_batches: list[dict], objective: str, objective_kwargs: dict | None = None) -> dict:
+        """Sum the named objective's metrics over micro-batches without updating (held-out evaluation)."""
+        import torch
+
+        from rlhf_ray.engines.objectives import get_objective
+
+        fn = get_objective(objective)
+        sums: dict[str, float] = {}
+        self.engine.engine.eval()
+        with torch.no_grad():
+            for mb in micro_batches:
+                _, metrics = fn(self.engine.engine, self.engine.to_device(mb), **(objective_kwargs or {}))
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        return sums
+
+    def infer(self, micro_batches: list[dict], forward: str, forward_kwargs: dict | None = None) -> list:
+        """The named no-grad forward (``rlhf_ray.engines.objectives.FORWARDS``) on each micro-batch, on CPU."""
+        from rlhf_ray.engines.objectives import get_forward
+
+        fn = get_forward(forward)
+        kwargs = forward_kwargs or {}
+        return [self.engine.forward(mb, lambda model, b: fn(model, b, **kwargs)) for mb in micro_batches]
+
+    def save_state(self, directory: str, client_state: dict) -> None:
+        self.engine.save_state(directory, client_state)
+
+    def load_state(self, directory: str) -> dict:
+        return self.engine.load_state(directory)
+
+    def export_hf(self, directory: str, tokenizer_path: str | None) -> None:
+        """Write the HF checkpoint (rank 0 writes; all ranks take part in ZeRO-3 gathering)."""
+        tokenizer = None
+        if tokenizer_path and self.rank == 0:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.engine.export_hf(directory, tokenizer)
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _gpu_ids() -> list:
+    import ray
+
+    try:
+        return list(ray.get_gpu_ids())
+    except Exception:  # outside Ray (unit use)
+        return []

@@ -1,0 +1,103 @@
+"""SFT end to end on the real stack: 2 DeepSpeed learner actors in Ray, gloo, the demo data set."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlhf_ray.config import load_config
+from rlhf_ray.jobs import get_job
+from rlhf_ray.metrics import read_metrics
+
+
+def sft_config(model_dir: str, out: Path, **over):
+    values = {
+        "job": "sft",
+        "model.path": model_dir,
+        "data.path": "demo:arithmetic",
+        "data.demo_size": 512,
+        "data.max_length": 64,
+        "learner.num_workers": 2,
+        "learner.gpus_per_worker": 0,
+        "learner.zero_stage": 2,
+        "learner.micro_batch_size": 4,
+        "learner.global_batch_size": 16,
+        "optim.lr": 3e-3,
+        "optim.warmup_steps": 2,
+        "train.output_dir": str(out),
+        "train.max_steps": 12,
+        "train.timeout_s": 180,
+        "logging.progress_bar": False,
+        "logging.tensorboard": False,
+    }
+    values.update(over)
+    return load_config(values=values)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sft_lowers_response_loss(ray_cluster, tiny_model_dir, tmp_path, stage):
+    cfg = sft_config(tiny_model_dir, tmp_path / f"z{stage}", **{"learner.zero_stage": stage})
+    result = get_job("sft").run(cfg)
+    rows = read_metrics(tmp_path / f"z{stage}" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    losses = [r["train/loss"] for r in rows]
+    # A random-init char model starts near ln(vocab) ~ 4.6 and must drop clearly on this set.
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses
+    assert all(r["train/response_tokens"] > 0 for r in rows)
+    final = Path(result["final_model"])
+    assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
+
+
+def test_zero2_and_zero3_agree(ray_cluster, tiny_model_dir, tmp_path):
+    """Same data, seed and batch: ZeRO-2 and ZeRO-3 give the same per-step losses (fp32)."""
+    losses = {}
+    for stage in (2, 3):
+        cfg = sft_config(tiny_model_dir, tmp_path / f"s{stage}",
+                         **{"learner.zero_stage": stage, "train.max_steps": 4})
+        get_job("sft").run(cfg)
+        losses[stage] = [r["train/loss"] for r in read_metrics(tmp_path / f"s{stage}" / "metrics.jsonl")]
+    assert losses[2] == pytest.approx(losses[3], rel=1e-4, abs=1e-5)
+
+
+def test_final_checkpoint_loads_in_transformers_and_generates(ray_cluster, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = sft_config(tiny_model_dir, tmp_path / "run", **{"train.max_steps": 3, "learner.zero_stage": 3})
+    result = get_job("sft").run(cfg)
+    final = result["final_model"]
+    tok = AutoTokenizer.from_pretrained(final)
+    model = AutoModelForCausalLM.from_pretrained(final)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                     add_generation_prompt=True)
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 8 or tok.eos_token_id in out[0].tolist()
+    # The exported weights are the trained ones, not the initial ones.
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_lora_trains_only_adapters_and_merged_export_is_plain(ray_cluster, tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = sft_config(tiny_model_dir, tmp_path / "lora", **{
+        "model.lora.enabled": True, "model.lora.rank": 4, "model.lora.target_modules": ["q_proj", "v_proj"],
+        "train.max_steps": 4, "optim.lr": 1e-2})
+    result = get_job("sft").run(cfg)
+    final = Path(result["final_model"])
+    assert not (final / "adapter_config.json").exists()  # merged: a plain model directory
+    merged = AutoModelForCausalLM.from_pretrained(final).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).state_dict()
+    assert set(merged) == set(base)
+    changed = {k for k in base if not torch.equal(base[k], merged[k])}
+    # Only the LoRA targets moved (W + scale * B @ A merged in); everything else is bit-identical.
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed

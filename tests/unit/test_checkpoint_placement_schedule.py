@@ -1,0 +1,69 @@
+"""Atomic checkpoint directories, placement plans and the LR schedule (no cluster needed)."""
+
+import math
+
+import pytest
+
+from rlhf_ray.checkpoint import CheckpointDir
+from rlhf_ray.controller.placement import PlacementError, RoleRequest, check_plan, plan_placement
+from rlhf_ray.engines.lr_schedule import lr_multiplier
+
+
+def test_checkpoint_atomic_and_latest(tmp_path):
+    ck = CheckpointDir(tmp_path, keep=2)
+    assert ck.latest() is None
+    for step in (10, 20):
+        d = ck.staging(step)
+        (d / "payload").write_text(str(step))
+        ck.finalize(step, {"step": step})
+    assert ck.latest().name == "step_000020"
+    # A crash while writing step 30 leaves only a .tmp dir: latest still points at the good one.
+    (ck.staging(30) / "payload").write_text("half")
+    assert ck.latest().name == "step_000020"
+    assert CheckpointDir.read_state(ck.latest()) == {"step": 20}
+    ck.finalize(30, {"step": 30})
+    assert [p.name for p in ck.complete()] == ["step_000020", "step_000030"]  # keep=2 pruned step 10
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_checkpoint_latest_ignores_incomplete(tmp_path):
+    ck = CheckpointDir(tmp_path)
+    d = ck.staging(5)
+    ck.finalize(5, {"step": 5})
+    (tmp_path / "checkpoints" / "step_000009").mkdir()  # no trainer_state.json: not complete
+    (tmp_path / "checkpoints" / "latest").write_text("step_000009")
+    assert ck.latest().name == "step_000005"
+
+
+def test_plan_separate_and_colocated():
+    reqs = [RoleRequest("actor", 2, 1), RoleRequest("ref", 2, 1), RoleRequest("rollout", 2, 1)]
+    plan = plan_placement(reqs)
+    assert plan.total() == {"CPU": 6.0, "GPU": 6.0}
+    plan = plan_placement(reqs, colocate=[["actor", "ref"]])
+    # actor and ref share 2 bundles of 1 GPU, each actor asks for half a GPU of its bundle
+    assert plan.total()["GPU"] == 4.0
+    assert plan.role_share == {"actor": 0.5, "ref": 0.5, "rollout": 1.0}
+    assert plan.role_pool["actor"] == plan.role_pool["ref"] == "actor+ref"
+
+
+def test_plan_errors():
+    with pytest.raises(PlacementError, match="colocated roles 'actor' and 'critic' must have the same"):
+        plan_placement([RoleRequest("actor", 2, 1), RoleRequest("critic", 1, 1)], colocate=[["actor", "critic"]])
+    plan = plan_placement([RoleRequest("actor", 4, 1), RoleRequest("rollout", 4, 1)])
+    with pytest.raises(PlacementError, match=r"placement needs 8 GPU but the cluster has 4"):
+        check_plan(plan, {"GPU": 4, "CPU": 64})
+    plan = plan_placement([RoleRequest("rollout", 1, 4)])
+    with pytest.raises(PlacementError, match=r"needs 4 GPUs in one bundle but no node has more than 2"):
+        check_plan(plan, {"GPU": 4, "CPU": 8}, nodes=[{"GPU": 2, "CPU": 4}, {"GPU": 2, "CPU": 4}])
+
+
+def test_lr_schedule_values():
+    # warmup 2 steps: (0+1)/2, (1+1)/2
+    assert lr_multiplier(0, 10, 2, "cosine", 0.0) == 0.5
+    assert lr_multiplier(1, 10, 2, "cosine", 0.0) == 1.0
+    # cosine at progress p = (6-2)/(10-2) = 0.5 -> 0.1 + 0.9 * 0.5 * (1 + cos(pi/2)) = 0.55
+    assert math.isclose(lr_multiplier(6, 10, 2, "cosine", 0.1), 0.55, rel_tol=1e-12)
+    # linear at p = 0.5 -> 0.1 + 0.9 * 0.5 = 0.55 as well; at the end -> min ratio
+    assert math.isclose(lr_multiplier(6, 10, 2, "linear", 0.1), 0.55, rel_tol=1e-12)
+    assert math.isclose(lr_multiplier(10, 10, 2, "linear", 0.1), 0.1, rel_tol=1e-12)
+    assert lr_multiplier(7, 10, 0, "constant", 0.0) == 1.0
