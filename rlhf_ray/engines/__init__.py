@@ -1,0 +1,1 @@
+"""Per-process engines: the DeepSpeed learner, objectives, weight export / sync, the vLLM rollout engine."""

@@ -1,0 +1,1 @@
+"""Thin Ray actors around the engines: learners (policy, critic, reference, reward model) and rollout engines."""
