@@ -1,0 +1,96 @@
+"""Per-token policy and value losses, and the truncated importance weight for rollout/learner mismatch.
+
+Each returns an unreduced (B, T) loss plus a (B, T) float 0/1 "clipped" indicator; reduce with
+``aggregation.agg_loss`` under the action mask. Inputs: logp, old_logp, advantages (B, T).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+LOG_RATIO_CLAMP = 20.0
+
+PolicyLossFn = Callable[[Tensor, Tensor, Tensor, float, float, Optional[float]], tuple[Tensor, Tensor]]
+
+
+def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
+    """exp(logp - old_logp), the log-ratio clamped to [-20, 20] so exp cannot overflow."""
+    return torch.exp((logp.float() - old_logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def ppo_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
+             dual_clip: Optional[float]) -> tuple[Tensor, Tensor]:
+    """PPO clipped surrogate (Schulman et al. 2017), with optional dual clip (Ye et al. 2020).
+
+        ratio = exp(logp - old_logp)
+        l1 = -A * ratio;   l2 = -A * clamp(ratio, 1 - clip_low, 1 + clip_high)
+        loss = max(l1, l2);   clipped = [l2 > l1]
+        dual clip c > 1, where A < 0:  loss = min(loss, -A * c), clipped also where that cap binds
+    All (B, T). Where clipped, d loss / d logp = 0; elsewhere it is -A * ratio.
+    """
+    adv = advantages.float()
+    ratio = _ratio(logp, old_logp)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    clipped = l2 > l1
+    loss = torch.where(clipped, l2, l1)
+    if dual_clip is not None:
+        cap = -adv * dual_clip
+        capped = (adv < 0) & (loss > cap)
+        loss = torch.where(capped, cap, loss)
+        clipped = clipped | capped
+    return loss, clipped.float()
+
+
+def vanilla_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
+               dual_clip: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Unclipped importance-weighted policy gradient: loss = -A * exp(logp - old_logp); clipped = 0.
+
+    With old_logp = logp.detach() the ratio is 1 with gradient d ratio / d logp = 1, so the gradient
+    is plain REINFORCE's -A * grad logp. The clip arguments are ignored. All (B, T).
+    """
+    loss = -advantages.float() * _ratio(logp, old_logp)
+    return loss, torch.zeros_like(loss)
+
+
+POLICY_LOSSES: dict[str, PolicyLossFn] = {"ppo_clip": ppo_clip, "vanilla_pg": vanilla_pg}
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    """``POLICY_LOSSES[name]``, or a ValueError listing the known names."""
+    if name not in POLICY_LOSSES:
+        raise ValueError(f"unknown policy loss {name!r}; known: {', '.join(POLICY_LOSSES)}")
+    return POLICY_LOSSES[name]
+
+
+def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
+               clip: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Clipped value loss (PPO): values, old_values, returns (B, T) -> (loss, clipped), (B, T).
+
+        v_clip = old + clamp(V - old, -clip, clip)
+        loss = 0.5 * max((V - R)^2, (v_clip - R)^2);   clipped = [(v_clip - R)^2 > (V - R)^2]
+    ``clip=None``: loss = 0.5 * (V - R)^2, clipped = 0.
+    """
+    values, returns = values.float(), returns.float()
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * unclipped, torch.zeros_like(unclipped)
+    old_values = old_values.float()
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    clipped_sq = (v_clip - returns) ** 2
+    clipped = clipped_sq > unclipped
+    return 0.5 * torch.where(clipped, clipped_sq, unclipped), clipped.float()
+
+
+def truncated_importance_weights(old_logp: Tensor, rollout_logp: Tensor, cap: Optional[float]) -> Tensor:
+    """TIS (Yao et al. 2025): w = min(exp(old_logp - rollout_logp), cap), detached. (B, T) -> (B, T).
+
+    Corrects for the sampler (vLLM) and learner computing different probabilities for the same tokens.
+    ``cap=None`` -> all ones. The log-ratio is clamped to [-20, 20] before exp.
+    """
+    if cap is None:
+        return torch.ones_like(old_logp, dtype=torch.float32)
+    return _ratio(old_logp, rollout_logp).clamp(max=cap).detach()
