@@ -102,3 +102,16 @@ class CheckpointDir:
     @staticmethod
     def read_state(path: Path) -> dict[str, Any]:
         return json.loads((path / "trainer_state.json").read_text())
+
+
+def publish_final(model_dir: Path, output_dir: str | os.PathLike) -> Path:
+    """Copy a checkpoint's HF model to ``<output_dir>/final`` atomically (copy aside, then rename)."""
+    final = Path(output_dir) / "final"
+    tmp = final.with_name(".final.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(model_dir, tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final

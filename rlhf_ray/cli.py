@@ -115,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # data errors are user errors too: one clear line, no worker traceback
+    except Exception as exc:  # data, reward and placement errors are user errors too: one clear line
+        from rlhf_ray.controller.placement import PlacementError
         from rlhf_ray.data.errors import DataError
+        from rlhf_ray.rewards import RewardError
 
-        if isinstance(exc, DataError):
-            print(f"data error: {exc}", file=sys.stderr)
-            return 2
+        for kind, label in ((DataError, "data error"), (RewardError, "reward error"),
+                            (PlacementError, "placement error")):
+            if isinstance(exc, kind):
+                print(f"{label}: {exc}", file=sys.stderr)
+                return 2
         raise
     return 1

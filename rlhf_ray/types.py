@@ -42,6 +42,37 @@ class RolloutBatch:
     row_fields: dict[str, list[Any]] = field(default_factory=dict)
     finish_reasons: list[str] = field(default_factory=list)
 
+    @staticmethod
+    def from_generations(prompt_ids: list[list[int]], response_ids: list, response_logprobs: list,
+                         group_index: list[int], pad_id: int) -> "RolloutBatch":
+        """Right-padded sequences ``prompt + response`` with masks and rollout log-probs aligned to (B, T-1).
+
+        Row b's response token k sits at ``input_ids[b, P_b + k]``; it is predicted at position
+        ``P_b + k - 1``, where ``action_mask`` is 1 and ``rollout_logprobs`` holds its log-prob.
+        """
+        B = len(prompt_ids)
+        lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
+        T = max(lengths)
+        input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((B, T), dtype=torch.long)
+        action_mask = torch.zeros((B, T - 1), dtype=torch.float32)
+        logprobs = torch.zeros((B, T - 1), dtype=torch.float32)
+        for b, (p, r, lp) in enumerate(zip(prompt_ids, response_ids, response_logprobs)):
+            P, R = len(p), len(r)
+            input_ids[b, :P] = torch.as_tensor(p, dtype=torch.long)
+            if R:
+                input_ids[b, P:P + R] = torch.as_tensor(r, dtype=torch.long)
+                action_mask[b, P - 1:P - 1 + R] = 1.0
+                logprobs[b, P - 1:P - 1 + R] = torch.as_tensor(lp, dtype=torch.float32)
+            attention_mask[b, :P + R] = 1
+        return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask,
+                            group_index=torch.as_tensor(group_index, dtype=torch.long), rollout_logprobs=logprobs)
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """(B,) generated tokens per sequence."""
+        return self.action_mask.sum(dim=-1)
+
     @property
     def size(self) -> int:
         return int(self.input_ids.shape[0])

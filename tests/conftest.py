@@ -20,13 +20,22 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_rm_dir(tmp_path_factory):
+    """A random-init sequence classifier (one score) with the same tokenizer, as a reward model."""
+    from rlhf_ray.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_rm") / "model", num_labels=1, seed=1))
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session, shut down at the end."""
     import ray
 
     if not ray.is_initialized():
-        # Logical CPUs: more than the 2 cores so learner + rollout actors can all be scheduled.
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+        # Logical CPUs: more than the 2 cores so learner + rollout actors can all be scheduled. Logical GPUs:
+        # placement tests ask for GPUs, get Ray's GPU ids, and run on the CPU all the same.
+        ray.init(num_cpus=12, num_gpus=8, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}})
     yield ray
     ray.shutdown()

@@ -8,7 +8,7 @@ raises ``ConfigError`` with the key and what to change.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from rlhf_ray.config.loader import ConfigError
 
@@ -63,6 +63,8 @@ class DataConfig:
     path: str = "demo:arithmetic"
     """A local .jsonl / .json / .parquet file, a `datasets` hub name, or `demo:<name>` (built in)."""
     split: str = "train"
+    subset: Optional[str] = None
+    """Hub data sets: the configuration name (``datasets.load_dataset(path, subset)``, e.g. gsm8k's "main")."""
     format: Literal["auto", "jsonl", "json", "parquet", "hf"] = "auto"
     prompt_field: str = "prompt"
     response_field: str = "response"
@@ -135,14 +137,17 @@ class LearnerConfig:
     """ZeRO-Offload: optimizer state (and parameters at stage 3) in host memory."""
     micro_batch_size: int = 4
     """Rows per worker per forward pass."""
-    global_batch_size: int = 8
-    """Rows per optimizer step across all workers; = micro_batch_size x workers x accumulation."""
+    global_batch_size: Optional[int] = None
+    """Rows per optimizer step across all workers = micro_batch_size x workers x accumulation. Unset: one
+    micro-batch per worker (SFT / RM / DPO / KTO); RL jobs derive it from the rollout batch
+    (prompts_per_step x n_samples / mini_batches) and refuse a different explicit value."""
     zero3_bucket_mb: int = 256
     """Bucket size for ZeRO-3 parameter gathering when exporting / syncing weights."""
 
     @property
     def grad_accum_steps(self) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.num_workers)
+        return (self.global_batch_size or self.micro_batch_size * self.num_workers) // (
+            self.micro_batch_size * self.num_workers)
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
@@ -150,7 +155,8 @@ class LearnerConfig:
         _check(self.micro_batch_size >= 1, "micro_batch_size", "must be >= 1")
         per_pass = self.micro_batch_size * self.num_workers
         _check(
-            self.global_batch_size >= per_pass and self.global_batch_size % per_pass == 0,
+            self.global_batch_size is None or (self.global_batch_size >= per_pass
+                                               and self.global_batch_size % per_pass == 0),
             "global_batch_size",
             f"must be a multiple of micro_batch_size x num_workers = {per_pass}, got {self.global_batch_size}",
         )
@@ -190,6 +196,8 @@ class RolloutConfig:
 
     num_engines: int = 1
     tensor_parallel_size: int = 1
+    """GPUs per engine (engines run on GPUs exactly when learner.gpus_per_worker > 0)."""
+    cpus_per_engine: float = 1.0
     n_samples: int = 4
     """Responses per prompt (the GRPO / RLOO group size)."""
     temperature: float = 1.0
@@ -198,7 +206,13 @@ class RolloutConfig:
     max_new_tokens: int = 128
     stop: list[str] = field(default_factory=list)
     gpu_memory_utilization: float = 0.5
-    """Fraction of GPU memory for vLLM (on CPU builds: of host RAM for the KV cache; use ~0.05)."""
+    """Fraction of GPU memory vLLM may take (weights + KV cache) on GPU builds."""
+    kv_cache_memory_gb: Optional[float] = None
+    """Explicit KV-cache size in GiB; unset: from gpu_memory_utilization on GPU, 0.5 GiB on CPU builds."""
+    ignore_eos: bool = False
+    """Always generate max_new_tokens (benchmarks with fixed response length)."""
+    engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra ``vllm.LLM`` arguments passed as is (e.g. compilation_config), for tuning beyond the keys above."""
     max_num_seqs: int = 256
     max_model_len: Optional[int] = None
     """Defaults to data.max_prompt_length + max_new_tokens."""
@@ -207,7 +221,8 @@ class RolloutConfig:
     enable_chunked_prefill: bool = True
     sleep_between_steps: bool = False
     """Hybrid placement: vLLM releases its memory while the learners train."""
-    weight_sync_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    weight_sync_backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
+    """auto: CUDA IPC when engines share GPUs with the policy (hybrid), NCCL on other GPUs, gloo on CPU."""
     weight_sync_bucket_mb: int = 256
     seed: int = 0
 
@@ -226,8 +241,9 @@ class RolloutConfig:
 class AlgoConfig:
     """The RL algorithm (PPO / GRPO / REINFORCE family): advantages, losses, KL, update schedule."""
 
-    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "grpo"
-    """Advantage estimator (``rlhf_ray.algos.advantages.ADVANTAGES``); ``gae`` needs the critic (PPO)."""
+    advantage: Optional[Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]] = None
+    """Advantage estimator (``rlhf_ray.algos.advantages.ADVANTAGES``). Unset: ``gae`` for job ppo (with a critic),
+    ``grpo`` for job grpo; job grpo also runs the critic-free rloo, dr_grpo and reinforce_pp(_baseline)."""
     policy_loss: Literal["ppo_clip", "vanilla_pg"] = "ppo_clip"
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
@@ -248,6 +264,10 @@ class AlgoConfig:
     value_clip: float = 0.2
     norm_adv_by_std: bool = True
     """GRPO: divide by the group std (off = Dr. GRPO-like centering only)."""
+    old_logprobs: Literal["learner", "rollout"] = "learner"
+    """pi_old of the PPO ratio: the policy learners' forward pass before the update (learner), or the log-probs
+    vLLM returned while sampling (rollout: one forward pass less per step; the ratio is then taken against
+    the rollout engine's numbers directly)."""
     importance_cap: Optional[float] = 2.0
     """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
     prompts_per_step: int = 8
@@ -309,10 +329,12 @@ class RewardModelTrainConfig:
     margin: float = 0.0
     """Constant margin m in -log sigmoid(r_chosen - r_rejected - m)."""
     margin_field: Optional[str] = None
-    """Row field holding a per-pair margin (overrides ``margin`` for rows that have it)."""
+    """Row field holding a per-pair margin (overrides ``margin`` for rows that have it); a value that is not
+    a number >= 0 is a bad row (data.on_bad_row)."""
 
     def __post_init__(self) -> None:
         _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
+        _check(self.margin_field is None or bool(self.margin_field), "margin_field", "must be a field name or null")
 
 
 @dataclass
@@ -329,12 +351,16 @@ class DPOConfig:
     simpo_gamma: float = 0.5
     """SimPO target reward margin."""
     reference: Literal["precompute", "group"] = "precompute"
-    """precompute: reference log-probs in one pass before training; group: a frozen reference learner group."""
+    """precompute: reference log-probs in one pass of the untrained policy before training (no second model
+    in memory); group: a frozen reference learner group scores every step. Unused by simpo."""
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
         _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
+        _check(self.loss != "ipo" or self.label_smoothing == 0, "label_smoothing",
+               "applies to the sigmoid and simpo losses only; set it to 0 with loss: ipo")
         _check(self.nll_coef >= 0, "nll_coef", "must be >= 0")
+        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
 
 
 @dataclass
@@ -343,14 +369,22 @@ class KTOConfig:
 
     beta: float = 0.1
     desirable_weight: float = 1.0
+    """lambda_D; the paper advises desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in [1, 4/3]."""
     undesirable_weight: float = 1.0
+    """lambda_U."""
     completion_field: str = "completion"
+    """Row field with the completion (a string or assistant message(s))."""
     label_field: str = "label"
+    """Row field with the label: true (desirable) / false, or 1 / 0."""
+    reference: Literal["precompute", "group"] = "precompute"
+    """As dpo.reference: precompute the reference log-probs once before training, or a frozen reference group."""
 
     def __post_init__(self) -> None:
         _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(self.desirable_weight > 0 and self.undesirable_weight > 0, "desirable_weight",
-               "desirable_weight and undesirable_weight must be > 0")
+        _check(self.desirable_weight > 0, "desirable_weight", f"must be > 0, got {self.desirable_weight}")
+        _check(self.undesirable_weight > 0, "undesirable_weight", f"must be > 0, got {self.undesirable_weight}")
+        _check(bool(self.completion_field), "completion_field", "must be a field name")
+        _check(bool(self.label_field), "label_field", "must be a field name")
 
 
 @dataclass
@@ -414,3 +448,58 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+
+    def __post_init__(self) -> None:
+        if self.job in RL_JOBS:
+            _check_rl(self)
+        elif self.learner.global_batch_size is None:
+            self.learner.global_batch_size = self.learner.micro_batch_size * self.learner.num_workers
+
+
+RL_JOBS = ("ppo", "grpo")
+"""Jobs that run the RL loop (rollout engines, rewards, policy updates)."""
+
+
+def _check_rl(cfg: "Config") -> None:
+    """Cross-section checks of PPO / GRPO configs, at load time (before any GPU is reserved)."""
+    a, r, lc = cfg.algo, cfg.rollout, cfg.learner
+    if a.advantage is None:
+        a.advantage = "gae" if cfg.job == "ppo" else "grpo"
+    if cfg.job == "ppo" and a.advantage != "gae":
+        raise ConfigError(f"algo.advantage: job ppo trains a critic for GAE; '{a.advantage}' is critic-free, "
+                          "use job: grpo for it")
+    if cfg.job == "grpo" and a.advantage == "gae":
+        raise ConfigError("algo.advantage: gae needs a critic; use job: ppo (job grpo runs critic-free estimators)")
+    if a.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and r.n_samples < 2:
+        raise ConfigError(f"rollout.n_samples: algo.advantage={a.advantage} compares samples of the same prompt; "
+                          f"needs n_samples >= 2, got {r.n_samples}")
+    if not cfg.reward.functions and not cfg.reward.model:
+        raise ConfigError("reward.functions: an RL job needs a reward: reward.functions (e.g. [builtin:math]) "
+                          "and/or reward.model")
+    B = a.prompts_per_step * r.n_samples
+    if B % a.mini_batches:
+        raise ConfigError(f"algo.mini_batches: {a.mini_batches} does not divide the {B} sequences of a step "
+                          f"(prompts_per_step {a.prompts_per_step} x n_samples {r.n_samples})")
+    M = B // a.mini_batches
+    if lc.global_batch_size is not None and lc.global_batch_size != M:
+        raise ConfigError(f"learner.global_batch_size: RL jobs take one optimizer step per mini-batch of "
+                          f"prompts_per_step x n_samples / mini_batches = {M} sequences; leave it unset "
+                          f"(got {lc.global_batch_size})")
+    lc.global_batch_size = M
+    critic_workers = cfg.critic.num_workers or lc.num_workers
+    for key, workers in (("learner.num_workers", lc.num_workers), ("critic.num_workers", critic_workers)):
+        if M % (lc.micro_batch_size * workers):
+            raise ConfigError(f"{key}: a mini-batch of {M} sequences (prompts_per_step x n_samples / mini_batches) "
+                              f"must split into {workers} workers x micro-batches of learner.micro_batch_size="
+                              f"{lc.micro_batch_size}")
+    if B % cfg.reward.num_workers:
+        raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the {B} sequences of a step")
+    if cfg.placement.mode == "hybrid":
+        if r.tensor_parallel_size != 1:
+            raise ConfigError("rollout.tensor_parallel_size: hybrid placement puts one engine on each learner GPU; "
+                              "it needs tensor_parallel_size 1 (use placement.mode separate or shared for TP)")
+        if r.num_engines != lc.num_workers:
+            raise ConfigError(f"rollout.num_engines: hybrid placement needs one engine per learner GPU "
+                              f"({lc.num_workers}), got {r.num_engines}")
+    if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
+        raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")

@@ -7,13 +7,19 @@ Every set is a pure function of ``(size, seed)``: the same config always yields 
 - ``demo:arithmetic`` (SFT): ``prompt`` "What is 12 + 7?", ``response`` "12 + 7 = 19. The answer is 19.",
   ``answer`` "19". Addition and subtraction of operands 0..20 (subtraction never goes negative).
 - ``demo:arithmetic_rl`` (RL with a verifiable reward): ``prompt`` "What is 3 + 5? Reply with the
-  number only.", ``answer`` "8". Single-digit addition, so the answer is one or two characters: a
-  random-init char model hits it often enough for a group-relative advantage to have signal.
-- ``demo:preferences`` (reward model / DPO): ``prompt`` as in ``demo:arithmetic``, ``chosen`` the correct
-  response, ``rejected`` the same sentence with a wrong result (off by 1 to 3, never negative).
-  The two differ only in the result digits, so the preference is learnable and unambiguous.
-- ``demo:kto`` (KTO, unpaired): ``prompt``, ``completion`` (correct or wrong as above) and ``label``
-  (True when correct), about half of each.
+  number only.", ``answer`` "8" (and ``response`` "8", so a short SFT on the same set gives RL a warm
+  start, as in the usual SFT -> RL pipeline). Single-digit addition: the answer is one or two characters.
+- ``demo:preferences`` (reward model / DPO): ``prompt`` and sentences as in ``demo:arithmetic`` but only
+  additions of operands 0..2 (``PREFERENCE_MAX_OPERAND``), ``chosen`` the correct response,
+  ``rejected`` the same sentence with a wrong result (off by 1 to 3, never negative). The two differ
+  only in the result digits, so the preference is unambiguous. The operands are small because a
+  reward model has to learn the arithmetic from the pairs alone, through one scalar per sequence: a
+  random-init tiny model reaches > 90% held-out accuracy on these 9 problems in about a hundred
+  CPU steps, where operands 0..20 stay near chance for hundreds of steps.
+- ``demo:kto`` (KTO, unpaired): the same problems, ``completion`` (correct or wrong as above) and
+  ``label`` (True when correct), about 55% desirable: with KTO's default equal weights that puts
+  desirable_weight x n_desirable / (undesirable_weight x n_undesirable) near 1.2, inside the KTO
+  paper's advised [1, 4/3] (below 1 the shared sentence tokens drift down and the loss saturates).
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 MAX_OPERAND = 20
+PREFERENCE_MAX_OPERAND = 2
+"""Operands of the preference sets (``demo:preferences``, ``demo:kto``): learnable from pairs on a CPU."""
+KTO_DESIRABLE_FRACTION = 0.55
 RL_INSTRUCTION = "Reply with the number only."
 
 
@@ -69,12 +78,22 @@ def arithmetic(size: int, seed: int) -> list[dict]:
 
 
 def arithmetic_rl(size: int, seed: int) -> list[dict]:
-    """RL rows: prompt / answer (single-digit addition)."""
+    """RL rows: prompt / answer (single-digit addition), and ``response`` = the answer for an SFT warm start."""
     rng = _rng("arithmetic_rl", seed)
     rows = []
     for _ in range(size):
         a, op, b, r = _problem(rng, max_operand=9, ops="+")
-        rows.append({"prompt": f"What is {a} {op} {b}? {RL_INSTRUCTION}", "answer": str(r)})
+        rows.append({"prompt": f"What is {a} {op} {b}? {RL_INSTRUCTION}", "answer": str(r), "response": str(r)})
+    return rows
+
+
+def repeat_number(size: int, seed: int) -> list[dict]:
+    """RL rows: prompt "Repeat the number 7.", answer "7" (learnable by a tiny model through RL alone)."""
+    rng = _rng("repeat_number", seed)
+    rows = []
+    for _ in range(size):
+        n = rng.randint(0, 9)
+        rows.append({"prompt": f"Repeat the number {n}.", "answer": str(n), "response": str(n)})
     return rows
 
 
@@ -83,7 +102,7 @@ def preferences(size: int, seed: int) -> list[dict]:
     rng = _rng("preferences", seed)
     rows = []
     for _ in range(size):
-        a, op, b, r = _problem(rng)
+        a, op, b, r = _problem(rng, max_operand=PREFERENCE_MAX_OPERAND, ops="+")
         rows.append({"prompt": f"What is {a} {op} {b}?", "chosen": _sentence(a, op, b, r),
                      "rejected": _sentence(a, op, b, _wrong(rng, r)), "answer": str(r)})
     return rows
@@ -94,8 +113,8 @@ def kto(size: int, seed: int) -> list[dict]:
     rng = _rng("kto", seed)
     rows = []
     for _ in range(size):
-        a, op, b, r = _problem(rng)
-        good = rng.random() < 0.5
+        a, op, b, r = _problem(rng, max_operand=PREFERENCE_MAX_OPERAND, ops="+")
+        good = rng.random() < KTO_DESIRABLE_FRACTION
         shown = r if good else _wrong(rng, r)
         rows.append({"prompt": f"What is {a} {op} {b}?", "completion": _sentence(a, op, b, shown),
                      "label": good, "answer": str(r)})
@@ -105,8 +124,10 @@ def kto(size: int, seed: int) -> list[dict]:
 DEMO_SETS: dict[str, DemoSet] = {
     "arithmetic": DemoSet("SFT: prompt/response, + and - of operands 0..20", arithmetic),
     "arithmetic_rl": DemoSet("RL: prompt/answer, single-digit addition, answer-only format", arithmetic_rl),
-    "preferences": DemoSet("RM/DPO: prompt/chosen/rejected, rejected has a wrong result", preferences),
-    "kto": DemoSet("KTO: prompt/completion/label, about half correct", kto),
+    "repeat_number": DemoSet("RL: prompt/answer, repeat a digit (learnable from scratch by RL)", repeat_number),
+    "preferences": DemoSet("RM/DPO: prompt/chosen/rejected, + of operands 0..2, rejected has a wrong result",
+                           preferences),
+    "kto": DemoSet("KTO: prompt/completion/label, + of operands 0..2, about 55% correct", kto),
 }
 
 

@@ -163,7 +163,7 @@ def _read_hub(path: str, split: str, cfg: DataConfig, seed: int) -> Iterator[tup
     import datasets
 
     try:
-        ds = datasets.load_dataset(path, split=split)
+        ds = datasets.load_dataset(path, cfg.subset, split=split)
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing to the user
         raise DataError(f"data.path '{path}' is neither a local file nor a reachable dataset "
                         f"(datasets.load_dataset(split='{split}') failed: {type(exc).__name__}: {exc})") from exc

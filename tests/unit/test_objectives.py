@@ -1,0 +1,88 @@
+"""Learner objectives on a real tiny model: what carries loss, and how losses are scaled for DeepSpeed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf_ray.algos.logprobs import gather_token_logprobs
+from rlhf_ray.data.batching import pad_batch
+from rlhf_ray.engines.objectives import get_forward, get_objective
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
+
+
+def _logit_grads(model, batch, **kwargs):
+    """d loss / d logits, through the real model and the real SFT objective."""
+    captured = {}
+
+    def keep(_, __, output):
+        output.retain_grad()
+        captured["logits"] = output
+
+    handle = model.lm_head.register_forward_hook(keep)
+    try:
+        loss, metrics = get_objective("sft")(model, batch, **kwargs)
+        loss.backward()
+    finally:
+        handle.remove()
+        model.zero_grad()
+    return loss, metrics, captured["logits"].grad
+
+
+def test_prompt_tokens_carry_no_loss(model):
+    # Prompt of 5 tokens (labels -100), response of 4. Position t predicts token t+1, so positions 0..3 predict
+    # prompt tokens and must get exactly zero gradient; positions 4..7 predict the response.
+    ids = [5, 6, 7, 8, 9, 20, 21, 22, 2]
+    labels = [-100] * 5 + ids[5:]
+    batch = pad_batch([{"input_ids": ids, "labels": labels}], pad_id=0)
+    loss, metrics, grad = _logit_grads(model, batch, loss_scale=1.0 / 4)
+    assert metrics["response_tokens"] == 4
+    assert torch.count_nonzero(grad[0, :4]) == 0
+    assert all(torch.count_nonzero(grad[0, t]) > 0 for t in range(4, 8))
+    # The value is the mean NLL of the 4 response tokens, computed here independently.
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits[0, 4:8]
+        want = torch.nn.functional.cross_entropy(logits, torch.tensor(ids[5:]))
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
+    # Unmasking the prompt labels adds their terms: the masking is what keeps them out.
+    full = pad_batch([{"input_ids": ids, "labels": ids}], pad_id=0)
+    unmasked, m2, _ = _logit_grads(model, full, loss_scale=1.0 / 8)
+    assert m2["response_tokens"] == 8 and float(unmasked.detach()) != pytest.approx(float(loss.detach()), rel=1e-3)
+
+
+def test_policy_objective_on_policy_is_minus_mean_advantage(model):
+    """With pi_old = pi (first epoch, no update yet) the PPO ratio is 1, so the token-mean loss is
+    -sum(A * mask) / num_tokens, times grad_scale; the KL and entropy terms are off."""
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        old = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -2.0, -2.0, -2.0]])
+    mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
+          "advantages": adv, "rollout_logprobs": old}
+    loss, metrics = get_objective("policy")(
+        model, mb, policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
+        num_tokens=12, num_seqs=4, horizon=3, grad_scale=2.0, temperature=1.0, entropy_coef=0.0, kl_coef=0.0,
+        kl_estimator="k3", importance_cap=2.0)
+    # sum(A * mask) = 3 * 1 + 3 * (-2) = -3 over a mini-batch of 12 action tokens: -(-3) / 12 * 2 = 0.5
+    assert float(loss.detach()) == pytest.approx(0.5, abs=1e-5)
+    assert metrics["action_tokens"] == 6 and metrics["clipped_sum"] == 0
+    assert metrics["approx_kl_sum"] == pytest.approx(0.0, abs=1e-10)
+
+
+def test_token_logprobs_forward_applies_temperature(model):
+    ids = torch.tensor([[5, 6, 7, 8]])
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1] / 0.5
+        want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+        got = get_forward("token_logprobs")(model, mb, temperature=0.5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

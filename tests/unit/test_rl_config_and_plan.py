@@ -1,0 +1,86 @@
+"""RL configs: load-time checks that name the key, and the placement plan each mode computes."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.controller.placement import PlacementError, check_plan
+from rlhf_ray.controller.rl_roles import make_plan
+
+BASE = {"model.path": "m", "reward.functions": ["builtin:math"], "learner.num_workers": 2,
+        "learner.gpus_per_worker": 1, "learner.micro_batch_size": 2, "rollout.n_samples": 4,
+        "algo.prompts_per_step": 4}
+
+
+def cfg(**over):
+    return load_config(values={**BASE, **over})
+
+
+def pools(plan):
+    return {p.name: (p.size, p.gpus_per_bundle, tuple(p.roles)) for p in plan.pools}
+
+
+def test_ppo_separate_gives_every_role_its_own_gpus():
+    c = cfg(job="ppo", **{"algo.kl_coef": 0.1, "reward.model": "rm", "reward.num_workers": 1, "rollout.num_engines": 2})
+    plan = make_plan(c)
+    assert pools(plan) == {"actor": (2, 1.0, ("actor",)), "reference": (2, 1.0, ("reference",)),
+                           "critic": (2, 1.0, ("critic",)), "reward": (1, 1.0, ("reward",)),
+                           "rollout": (2, 1.0, ("rollout",))}
+    assert plan.total()["GPU"] == 9
+
+
+def test_ppo_shared_colocates_actor_with_reference_and_critic_with_reward():
+    c = cfg(job="ppo", **{"algo.kl_coef": 0.1, "reward.model": "rm", "reward.num_workers": 2,
+                          "placement.mode": "shared"})
+    plan = make_plan(c)
+    assert pools(plan) == {"actor+reference": (2, 1.0, ("actor", "reference")),
+                           "critic+reward": (2, 1.0, ("critic", "reward")), "rollout": (1, 1.0, ("rollout",))}
+    assert plan.role_share["actor"] == plan.role_share["reference"] == 0.5
+    assert plan.total()["GPU"] == 5
+
+
+def test_grpo_hybrid_puts_everything_on_the_learner_gpus():
+    c = cfg(job="grpo", **{"placement.mode": "hybrid", "rollout.num_engines": 2, "algo.kl_coef": 0.01})
+    plan = make_plan(c)
+    assert pools(plan) == {"actor+reference+rollout": (2, 1.0, ("actor", "reference", "rollout"))}
+    assert plan.role_share["rollout"] == pytest.approx(1 / 3)
+    assert plan.total()["GPU"] == 2
+
+
+def test_impossible_plan_names_the_shortfall():
+    c = cfg(job="grpo", **{"rollout.num_engines": 4})
+    with pytest.raises(PlacementError, match="placement needs 6 GPU but the cluster has 4"):
+        check_plan(make_plan(c), {"GPU": 4, "CPU": 64})
+
+
+def test_shared_with_mismatched_sizes_is_refused():
+    c = cfg(job="ppo", **{"reward.model": "rm", "reward.num_workers": 1, "placement.mode": "shared"})
+    with pytest.raises(PlacementError, match="colocated roles 'critic' and 'reward' must have the same workers"):
+        make_plan(c)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"job": "grpo", "reward.functions": []}, "reward.functions: an RL job needs a reward"),
+    ({"job": "ppo", "algo.advantage": "grpo"}, "algo.advantage: job ppo trains a critic for GAE"),
+    ({"job": "grpo", "algo.advantage": "gae"}, "algo.advantage: gae needs a critic"),
+    ({"job": "grpo", "rollout.n_samples": 1}, "rollout.n_samples: algo.advantage=grpo compares samples"),
+    ({"job": "grpo", "algo.mini_batches": 3}, "algo.mini_batches: 3 does not divide the 16 sequences"),
+    ({"job": "grpo", "learner.micro_batch_size": 3}, "learner.num_workers: a mini-batch of 16 sequences"),
+    ({"job": "grpo", "learner.global_batch_size": 8}, "learner.global_batch_size: RL jobs take one optimizer step"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 1},
+     "rollout.num_engines: hybrid placement needs one engine per learner GPU"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "rollout.tensor_parallel_size": 2},
+     "rollout.tensor_parallel_size: hybrid placement"),
+    ({"job": "grpo", "rollout.weight_sync_backend": "ipc"}, "rollout.weight_sync_backend: ipc shares GPU memory"),
+])
+def test_rl_config_errors_name_the_key(over, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        cfg(**over)
+
+
+def test_rl_job_resolves_defaults_at_load():
+    c = cfg(job="ppo")
+    assert c.algo.advantage == "gae" and c.learner.global_batch_size == 16
+    c = cfg(job="grpo", **{"algo.mini_batches": 2})
+    assert c.algo.advantage == "grpo" and c.learner.global_batch_size == 8
