@@ -1,0 +1,99 @@
+"""Direct preference optimisation (DPO) and its family on offline preference pairs.
+
+Loss (``dpo.loss``, from ``rlhf_ray.algos.preference.PREFERENCE_LOSSES``), a mean over the pairs of
+the global batch, on summed completion log-probs of chosen / rejected under the policy and a frozen
+reference (the starting model, ``model.path``):
+    sigmoid  DPO, -log sigmoid(beta * h) with h the chosen minus rejected log-ratio; conservative DPO
+             with ``dpo.label_smoothing`` > 0
+    ipo      IPO, (h - 1 / (2 beta))^2
+    simpo    SimPO, reference-free: -log sigmoid(beta * (avg logp_w - avg logp_l) - dpo.simpo_gamma)
+plus ``dpo.nll_coef`` x the chosen completion's per-token NLL (RPO). Chosen and rejected run as one
+concatenated forward per micro-batch. Logged (``train/`` and, on held-out pairs, ``eval/``): implicit
+rewards ``rewards_chosen`` / ``rewards_rejected`` (beta x log-ratio), their ``margin``, the
+``reward_accuracy`` (chosen reward above rejected) and the raw ``logps_chosen`` / ``logps_rejected``;
+the held-out set is also evaluated before the first step (logged at step 0).
+
+Reference log-probs (``dpo.reference``): ``precompute`` (default) runs the still-untrained policy
+group once over train and eval pairs before training and keeps the numbers with the data, so no
+second model is in memory; ``group`` starts a frozen reference learner group (same model and learner
+settings; it shares the policy's GPUs under ``placement.mode: shared``) that scores every step.
+
+Departs from the paper: the reference is the model you start from (the paper first fine-tunes on
+the chosen completions when no SFT model exists: run ``job: sft`` first for that). IPO uses summed
+log-probs as in the paper (TRL averages them per token). The NLL term is normalised per pair.
+
+Launch:
+    rlhf-ray train examples/dpo_tiny_cpu.yaml                       # this machine (CPU or GPUs)
+    rlhf-ray train my_dpo.yaml model.path=runs/sft/final learner.num_workers=8 dpo.beta=0.1
+    ray job submit --working-dir . -- rlhf-ray train my_dpo.yaml     # a Ray cluster
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rlhf_ray.config import Config
+from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+
+log = logging.getLogger(__name__)
+
+
+def dpo_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
+    """The loss's settings, and ``loss_scale`` = accumulation x world / pairs in the global batch."""
+    lc, d = cfg.learner, cfg.dpo
+    return {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "gamma": d.simpo_gamma,
+            "nll_coef": d.nll_coef, "loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, len(batch))}
+
+
+def dpo_reduce(rank_sums: list[dict]) -> dict[str, float]:
+    keys = ("loss_sum", "pairs", "correct", "chosen_sum", "rejected_sum", "logps_chosen_sum", "logps_rejected_sum")
+    s = {k: sum(r[k] for r in rank_sums) for k in keys}
+    n = max(1.0, s["pairs"])
+    out = {"train/loss": s["loss_sum"] / n, "train/reward_accuracy": s["correct"] / n,
+           "train/margin": (s["chosen_sum"] - s["rejected_sum"]) / n,
+           "train/rewards_chosen": s["chosen_sum"] / n, "train/rewards_rejected": s["rejected_sum"] / n,
+           "train/logps_chosen": s["logps_chosen_sum"] / n, "train/logps_rejected": s["logps_rejected_sum"] / n,
+           "train/pairs": s["pairs"]}
+    if "nll_sum" in rank_sums[0]:
+        out["train/nll"] = sum(r["nll_sum"] for r in rank_sums) / n
+    return out
+
+
+def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
+    """Load, validate and tokenize the preference pairs (before any GPU is reserved)."""
+    from rlhf_ray.data.preference import tokenize_pairs
+    from rlhf_ray.data.sources import load_rows, split_eval
+
+    rows = load_rows(cfg.data)
+    train_rows, eval_rows = split_eval(rows, cfg.data, seed=cfg.train.seed)
+    train = tokenize_pairs(train_rows, tokenizer, cfg.data)
+    evaluation = tokenize_pairs(eval_rows, tokenizer, cfg.data).examples if eval_rows is not None and len(eval_rows) else []
+    counts = {"rows": len(rows), **train.counts(), "eval_examples": len(evaluation)}
+    log.info("dpo data: %s", counts)
+    return list(train.examples), list(evaluation), counts
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run DPO (or IPO / SimPO) as configured; returns paths and final metrics."""
+    from rlhf_ray.algos.preference import PREFERENCE_LOSSES
+    from rlhf_ray.data.batching import pad_batch
+    from rlhf_ray.jobs.common import check_model_path, load_tokenizer, prepare_output_dir
+
+    check_model_path(cfg)
+    tokenizer = load_tokenizer(cfg)
+    train, evaluation, counts = prepare_data(cfg, tokenizer)
+    output_dir = prepare_output_dir(cfg)
+    pad_id = tokenizer.pad_token_id
+    uses_reference = PREFERENCE_LOSSES[cfg.dpo.loss].uses_reference
+    if not uses_reference:
+        log.info("dpo.loss=%s is reference-free: no reference log-probs (dpo.reference is ignored)", cfg.dpo.loss)
+    task = SupervisedTask(
+        name="dpo", objective="dpo", head="causal_lm",
+        collate=lambda exs: pad_batch([e["chosen"] for e in exs] + [e["rejected"] for e in exs], pad_id),
+        objective_kwargs=dpo_objective_kwargs, reduce=dpo_reduce,
+        reference_forward="pair_logprobs" if uses_reference else None, reference_mode=cfg.dpo.reference,
+        eval_before_training=True)
+    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
+    result["data"] = counts
+    return result
