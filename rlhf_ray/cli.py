@@ -47,17 +47,17 @@ def cmd_train(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     result = get_job(cfg.job).run(cfg)
     print(json.dumps({k: v for k, v in result.items() if k != "metrics"}, indent=2, default=str))
-    print(f"outputs in {result['output_dir']} (metrics.jsonl, checkpoints/, final/)")
+    print(f"outputs in {result['output_dir']}")
     return 0
 
 
 def cmd_validate(config: str, overrides: list[str]) -> int:
     from rlhf_ray.config import load_config
     from rlhf_ray.jobs import get_job
-    from rlhf_ray.jobs.common import check_model_path, load_tokenizer
+    from rlhf_ray.jobs.common import check_paths, load_tokenizer
 
     cfg = load_config(config, overrides)
-    check_model_path(cfg)
+    check_paths(cfg)
     tokenizer = load_tokenizer(cfg)
     job = get_job(cfg.job)
     _, _, counts = job.prepare_data(cfg, tokenizer)

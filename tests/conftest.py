@@ -20,14 +20,6 @@ def tiny_model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_rm_dir(tmp_path_factory):
-    """A random-init sequence classifier (one score) with the same tokenizer, as a reward model."""
-    from rlhf_ray.models.tiny import make_tiny_model
-
-    return str(make_tiny_model(tmp_path_factory.mktemp("tiny_rm") / "model", num_labels=1, seed=1))
-
-
-@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray instance for the whole session, shut down at the end."""
     import ray

@@ -456,13 +456,35 @@ class Config:
             self.learner.global_batch_size = self.learner.micro_batch_size * self.learner.num_workers
 
 
-RL_JOBS = ("ppo", "grpo")
-"""Jobs that run the RL loop (rollout engines, rewards, policy updates)."""
+RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n")
+"""Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n also train a policy)."""
 
 
 def _check_rl(cfg: "Config") -> None:
-    """Cross-section checks of PPO / GRPO configs, at load time (before any GPU is reserved)."""
+    """Cross-section checks of rollout-based configs, at load time (before any GPU is reserved)."""
     a, r, lc = cfg.algo, cfg.rollout, cfg.learner
+    if not cfg.reward.functions and not cfg.reward.model:
+        raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
+                          "and/or reward.model")
+    if (a.prompts_per_step * r.n_samples) % cfg.reward.num_workers:
+        raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the "
+                          f"{a.prompts_per_step * r.n_samples} sequences of a step (prompts_per_step x n_samples)")
+    if cfg.job in ("online_dpo", "best_of_n") and r.n_samples < 2:
+        raise ConfigError(f"rollout.n_samples: job {cfg.job} compares samples of a prompt; needs >= 2, "
+                          f"got {r.n_samples}")
+    if cfg.job == "best_of_n":
+        return
+    if cfg.job == "online_dpo":
+        per_pass = lc.micro_batch_size * lc.num_workers
+        if lc.micro_batch_size * lc.num_workers < a.prompts_per_step:
+            raise ConfigError(f"learner.micro_batch_size: online DPO puts a round's pairs (up to algo.prompts_per_step="
+                              f"{a.prompts_per_step}) in one micro-batch per worker; needs micro_batch_size x "
+                              f"num_workers >= {a.prompts_per_step}, got {per_pass}")
+        if lc.global_batch_size is not None and lc.global_batch_size != per_pass:
+            raise ConfigError("learner.global_batch_size: online DPO takes one optimizer step per round; leave it unset")
+        lc.global_batch_size = per_pass
+        _check_placement(cfg)
+        return
     if a.advantage is None:
         a.advantage = "gae" if cfg.job == "ppo" else "grpo"
     if cfg.job == "ppo" and a.advantage != "gae":
@@ -473,9 +495,6 @@ def _check_rl(cfg: "Config") -> None:
     if a.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and r.n_samples < 2:
         raise ConfigError(f"rollout.n_samples: algo.advantage={a.advantage} compares samples of the same prompt; "
                           f"needs n_samples >= 2, got {r.n_samples}")
-    if not cfg.reward.functions and not cfg.reward.model:
-        raise ConfigError("reward.functions: an RL job needs a reward: reward.functions (e.g. [builtin:math]) "
-                          "and/or reward.model")
     B = a.prompts_per_step * r.n_samples
     if B % a.mini_batches:
         raise ConfigError(f"algo.mini_batches: {a.mini_batches} does not divide the {B} sequences of a step "
@@ -492,8 +511,11 @@ def _check_rl(cfg: "Config") -> None:
             raise ConfigError(f"{key}: a mini-batch of {M} sequences (prompts_per_step x n_samples / mini_batches) "
                               f"must split into {workers} workers x micro-batches of learner.micro_batch_size="
                               f"{lc.micro_batch_size}")
-    if B % cfg.reward.num_workers:
-        raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the {B} sequences of a step")
+    _check_placement(cfg)
+
+
+def _check_placement(cfg: "Config") -> None:
+    r, lc = cfg.rollout, cfg.learner
     if cfg.placement.mode == "hybrid":
         if r.tensor_parallel_size != 1:
             raise ConfigError("rollout.tensor_parallel_size: hybrid placement puts one engine on each learner GPU; "

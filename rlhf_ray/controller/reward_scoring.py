@@ -58,6 +58,16 @@ class RewardScorer:
 
             raise ConfigError("reward: name at least one reward (reward.functions or reward.model)")
 
+    @classmethod
+    def from_config(cls, cfg, reward_model: Any, policy_tokenizer) -> "RewardScorer":
+        """The scorer a job's config describes (the reward model's own tokenizer loaded when there is one)."""
+        rm_tok = None
+        if cfg.reward.model:
+            from transformers import AutoTokenizer
+
+            rm_tok = AutoTokenizer.from_pretrained(cfg.reward.model)
+        return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok)
+
     def start(self, batch: RolloutBatch, prompts: list[Any]):
         """Start the reward model's forward (if any); returns a handle for ``finish``."""
         if self.reward_model is None:

@@ -44,7 +44,24 @@ def batch_shape(cfg: Config) -> tuple[int, int, int]:
     """(sequences per step B, sequences per optimizer step M, optimizer steps per rollout step)."""
     a = cfg.algo
     B = a.prompts_per_step * cfg.rollout.n_samples
+    if cfg.job == "online_dpo":  # one DPO step per round on its pairs
+        return B, a.prompts_per_step, 1
     return B, B // a.mini_batches, a.mini_batches * a.ppo_epochs
+
+
+def attach_prompts(batch, prompts: list) -> list:
+    """Give ``batch`` its prompt texts and row fields (for reward functions); returns each sequence's prompt."""
+    rows = [prompts[g] for g in batch.group_index.tolist()]
+    batch.prompts = [p.prompt_text for p in rows]
+    batch.row_fields = {k: [p.fields.get(k) for p in rows] for k in rows[0].fields}
+    return rows
+
+
+def score_batch(scorer: RewardScorer, batch, rows: list) -> dict[str, float]:
+    """``batch.rewards`` from ``scorer`` (reward model started first, functions meanwhile); returns its metrics."""
+    reward_model = scorer.start(batch, [p.prompt for p in rows])
+    batch.rewards, metrics = scorer.finish(batch, reward_model, batch.prompts, batch.row_fields)
+    return metrics
 
 
 class RLLoop:
@@ -64,12 +81,7 @@ class RLLoop:
                    if a.adaptive_kl_target is not None else FixedKLController(a.kl_coef))
         self.spec = SamplingSpec.from_config(cfg.rollout)
         self.adv_params = AdvantageParams(gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_adv_by_std)
-        rm_tok = None
-        if cfg.reward.model:
-            from transformers import AutoTokenizer
-
-            rm_tok = AutoTokenizer.from_pretrained(cfg.reward.model)
-        self.scorer = RewardScorer(cfg.reward, cfg.data, roles.reward_model, tokenizer, rm_tok)
+        self.scorer = RewardScorer.from_config(cfg, roles.reward_model, tokenizer)
         self.ckpt = CheckpointDir(output_dir, keep=cfg.train.keep_checkpoints)
         self.hybrid = cfg.placement.mode == "hybrid" and roles.on_gpu
         self._epoch_cache: tuple[int, list] = (-1, [])
@@ -82,13 +94,7 @@ class RLLoop:
         t_step = time.perf_counter()
 
         # 1. generate
-        with timer("generate"):
-            batch, gens = self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
-                                                      self.tokenizer.pad_token_id)
-        self.after_generation(timer)
-        rows = [prompts[g] for g in batch.group_index.tolist()]
-        batch.prompts = [p.prompt_text for p in rows]
-        batch.row_fields = {k: [p.fields.get(k) for p in rows] for k in rows[0].fields}
+        batch, gens, rows = self.generate(prompts, timer)
 
         # 2. score: remote forwards start first, the reward functions run here meanwhile
         forwards = {}
@@ -100,9 +106,7 @@ class RLLoop:
                                                                        temperature=self.spec.temperature)
         if self.roles.critic is not None:
             forwards["critic"] = self.roles.critic.forward_async(batch, "token_values")
-        reward_model = self.scorer.start(batch, [p.prompt for p in rows])
-        with timer("reward"):
-            batch.rewards, metrics = self.scorer.finish(batch, reward_model, batch.prompts, batch.row_fields)
+        metrics = self.score(batch, rows, timer)
         results = {name: f.result() for name, f in forwards.items()}
         for name, (_, seconds) in results.items():
             metrics[f"timing/{name}_s"] = seconds
@@ -141,13 +145,23 @@ class RLLoop:
             self.kl.update(float(masked_mean(kl, mask)), self.B)
         metrics.update(self.step_metrics(batch, gens, kl, actor_steps, critic_steps, sync))
         metrics["kl/coef"] = kl_coef
-        metrics.update(timer.pop())
-        metrics["timing/step_s"] = time.perf_counter() - t_step
-        metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
-        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
-        return metrics
+        return self.finish_metrics(metrics, timer, batch, gens, t_step)
 
     # ---- pieces of the step -------------------------------------------------------------------------
+    def generate(self, prompts: list, timer: PhaseTimer) -> tuple[Any, Any, list]:
+        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
+        the raw generations, and each sequence's prompt example."""
+        with timer("generate"):
+            batch, gens = self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
+                                                      self.tokenizer.pad_token_id)
+        self.after_generation(timer)
+        return batch, gens, attach_prompts(batch, prompts)
+
+    def score(self, batch, rows: list, timer: PhaseTimer) -> dict[str, float]:
+        """Fill ``batch.rewards`` (reward functions here, the reward model on its group); returns reward metrics."""
+        with timer("reward"):
+            return score_batch(self.scorer, batch, rows)
+
     def prompt_batch(self, step: int) -> list:
         """The prompts of ``step``: epochs over the prompt set, reshuffled per epoch from (seed, epoch)."""
         epoch, pos = divmod(step, self.steps_per_epoch)
@@ -196,22 +210,35 @@ class RLLoop:
         r = self.roles
         return [x for x in (r.actor, r.reference, r.critic, r.reward_model) if x is not None]
 
-    def step_metrics(self, batch, gens, kl, actor_steps, critic_steps, sync) -> dict[str, float]:
-        mask = batch.action_mask
-        lengths = batch.response_lengths
-        rewards = batch.rewards
-        m = {
+    def rollout_metrics(self, batch, gens, sync) -> dict[str, float]:
+        """Rollout statistics and the weight sync of one step (shared by every RL-style loop)."""
+        lengths, rewards = batch.response_lengths, batch.rewards
+        return {
             "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std(unbiased=False)),
             "rollout/reward_max": float(rewards.max()), "rollout/reward_min": float(rewards.min()),
             "rollout/response_length_mean": float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),
             "rollout/truncated_fraction": sum(r == "length" for r in batch.finish_reasons) / batch.size,
-            "rollout/advantage_mean": float(masked_mean(batch.advantages, mask)),
             "rollout/sequences": float(batch.size), "rollout/generated_tokens": float(gens.num_tokens),
-            "rollout/logprob_diff_learner_vllm": float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(),
-                                                                   mask)),
             "weight_sync/seconds": sync["seconds"], "weight_sync/bytes": sync["bytes"],
             "weight_sync/gb_per_s": sync["bytes"] / 1e9 / max(sync["seconds"], 1e-9),
         }
+
+    def finish_metrics(self, metrics: dict[str, float], timer: PhaseTimer, batch, gens, t_step: float) -> dict:
+        """Add the phase timings and throughput of the step that started at ``t_step``."""
+        metrics.update(timer.pop())
+        metrics["timing/step_s"] = time.perf_counter() - t_step
+        metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
+        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
+        return metrics
+
+    def step_metrics(self, batch, gens, kl, actor_steps, critic_steps, sync) -> dict[str, float]:
+        mask = batch.action_mask
+        m = self.rollout_metrics(batch, gens, sync)
+        m.update({
+            "rollout/advantage_mean": float(masked_mean(batch.advantages, mask)),
+            "rollout/logprob_diff_learner_vllm": float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(),
+                                                                   mask)),
+        })
         if kl is not None:
             m["kl/policy_reference"] = float(masked_mean(kl, mask))
         tokens = sum(s["action_tokens"] for s in actor_steps)
@@ -239,11 +266,8 @@ class RLLoop:
         prompts = list(self.eval_prompts)
         spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
         batch, _ = self.roles.rollout.generate([p.prompt_ids for p in prompts], spec, self.tokenizer.pad_token_id)
-        rows = [prompts[g] for g in batch.group_index.tolist()]
-        pending = self.scorer.start(batch, [p.prompt for p in rows])
-        rewards, _ = self.scorer.finish(batch, pending, [p.prompt_text for p in rows],
-                                        {k: [p.fields.get(k) for p in rows] for k in rows[0].fields})
-        return {"eval/reward_mean": float(rewards.mean()),
+        score_batch(self.scorer, batch, attach_prompts(batch, prompts))
+        return {"eval/reward_mean": float(batch.rewards.mean()),
                 "eval/response_length_mean": float(batch.response_lengths.mean())}
 
     # ---- checkpoints ----------------------------------------------------------------------------

@@ -33,19 +33,27 @@ COLOCATE = {
 }
 
 
+def needs_actor(cfg: Config) -> bool:
+    """Every rollout job trains a policy except best_of_n, which only samples and scores."""
+    return cfg.job != "best_of_n"
+
+
 def needs_reference(cfg: Config) -> bool:
-    return cfg.algo.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None
+    if cfg.job == "online_dpo":
+        return cfg.dpo.loss != "simpo"  # SimPO is reference-free
+    return cfg.job in ("ppo", "grpo") and (cfg.algo.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None)
 
 
 def needs_critic(cfg: Config) -> bool:
     from rlhf_ray.algos.advantages import NEEDS_CRITIC
 
-    return cfg.algo.advantage in NEEDS_CRITIC
+    return cfg.job == "ppo" and cfg.algo.advantage in NEEDS_CRITIC
 
 
-def critic_learner(cfg: Config, mini_batch: int) -> LearnerConfig:
+def critic_learner(cfg: Config) -> LearnerConfig:
+    """The critic trains on the policy's mini-batches, possibly with its own number of workers."""
     workers = cfg.critic.num_workers or cfg.learner.num_workers
-    return dataclasses.replace(cfg.learner, num_workers=workers, global_batch_size=mini_batch)
+    return dataclasses.replace(cfg.learner, num_workers=workers)
 
 
 def reward_learner(cfg: Config) -> LearnerConfig:
@@ -63,7 +71,7 @@ def gpus_per_engine(cfg: Config) -> float:
 def role_requests(cfg: Config) -> list[RoleRequest]:
     """What each role needs, in start order."""
     lc = cfg.learner
-    reqs = [RoleRequest("actor", lc.num_workers, lc.gpus_per_worker, lc.cpus_per_worker)]
+    reqs = [RoleRequest("actor", lc.num_workers, lc.gpus_per_worker, lc.cpus_per_worker)] if needs_actor(cfg) else []
     if needs_reference(cfg):
         reqs.append(RoleRequest("reference", lc.num_workers, lc.gpus_per_worker, lc.cpus_per_worker))
     if needs_critic(cfg):
@@ -83,8 +91,8 @@ def make_plan(cfg: Config) -> PlacementPlan:
 class RLRoles:
     """Every started role of one RL job (absent roles are None)."""
 
-    actor: Any
     rollout: Any
+    actor: Any = None
     reference: Any = None
     critic: Any = None
     reward_model: Any = None
@@ -106,7 +114,7 @@ class RLRoles:
     @property
     def on_gpu(self) -> bool:
         """Whether the learners really run on CUDA (logical GPUs on a CPU machine do not)."""
-        return self.actor.group.facts[0]["device"].startswith("cuda")
+        return (self.actor or self.rollout).group.facts[0]["device"].startswith("cuda")
 
     def kill(self) -> None:
         for name in ("actor", "reference", "critic", "reward_model", "rollout"):
@@ -115,8 +123,7 @@ class RLRoles:
                 role.group.kill()
 
 
-def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, mini_batch: int,
-                   output_dir: Path) -> RLRoles:
+def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, output_dir: Path) -> RLRoles:
     """Create the placement groups and start every role concurrently; returns them ready to use."""
     from rlhf_ray.controller.groups import launch_learner_group, launch_rollout_group
     from rlhf_ray.controller.roles import LearnerRole, RolloutRole
@@ -126,10 +133,12 @@ def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, mini_
     share = plan.role_share
     pg = {role: pools[plan.role_pool[role]] for role in plan.role_pool}
     bundles = lambda n: list(range(n))  # noqa: E731 - rank i of every role takes bundle i of its pool
-    actor_lc = dataclasses.replace(lc, global_batch_size=mini_batch)
-    pending: dict[str, Any] = {
-        "actor": launch_learner_group("actor", cfg.model, cfg.optim, actor_lc, optimizer_steps, "causal_lm", True,
-                                      tc.seed, tc.timeout_s, pg["actor"], bundles(lc.num_workers), share["actor"])}
+    actor_lc = lc  # global_batch_size was resolved at load: one optimizer step per mini-batch (or round)
+    pending: dict[str, Any] = {}
+    if "actor" in pg:
+        pending["actor"] = launch_learner_group("actor", cfg.model, cfg.optim, actor_lc, optimizer_steps, "causal_lm",
+                                                True, tc.seed, tc.timeout_s, pg["actor"], bundles(lc.num_workers),
+                                                share["actor"])
     if "reference" in pg:
         pending["reference"] = launch_learner_group(
             "reference", cfg.model, cfg.optim, actor_lc, optimizer_steps, "causal_lm", False, tc.seed, tc.timeout_s,
@@ -137,7 +146,7 @@ def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, mini_
     if "critic" in pg:
         critic_model = dataclasses.replace(cfg.model, path=cfg.critic.model or cfg.model.path)
         critic_optim = dataclasses.replace(cfg.optim, lr=cfg.critic.lr, warmup_steps=cfg.critic.warmup_steps)
-        clc = critic_learner(cfg, mini_batch)
+        clc = critic_learner(cfg)
         pending["critic"] = launch_learner_group(
             "critic", critic_model, critic_optim, clc, optimizer_steps, "token_value", True, tc.seed, tc.timeout_s,
             pg["critic"], bundles(clc.num_workers), share["critic"])
@@ -158,7 +167,7 @@ def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, mini_
 
     groups = {name: p.ready() for name, p in pending.items()}
     roles = RLRoles(
-        actor=LearnerRole("actor", groups["actor"], lc.micro_batch_size),
+        actor=LearnerRole("actor", groups["actor"], lc.micro_batch_size) if "actor" in groups else None,
         rollout=RolloutRole(groups["rollout"], tc.timeout_s),
         reference=LearnerRole("reference", groups["reference"], lc.micro_batch_size) if "reference" in groups else None,
         critic=LearnerRole("critic", groups["critic"], lc.micro_batch_size) if "critic" in groups else None,

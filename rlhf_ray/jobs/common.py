@@ -47,9 +47,30 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def check_model_path(cfg: Config) -> None:
-    """Fail at load time (not in a worker) if the model path is neither a local model nor hub-like."""
+def check_paths(cfg: Config) -> None:
+    """Make the config's local paths absolute, then check the model path, before any worker starts.
+
+    Absolute because Ray workers do not share the driver's working directory when the driver joins an
+    existing cluster: a relative ``runs/tiny-model`` would point elsewhere there (and be taken for a hub
+    name). A path that does not exist here is left as written (a hub name, or a path on shared storage
+    only the workers see). Under ``ray job submit --working-dir`` the driver runs inside the uploaded
+    directory, so relative paths in the config resolve against it.
+    """
+    def absolute(value: str | None, must_exist: bool = True) -> str | None:
+        if not value or value.startswith(("http://", "https://", "demo:")):
+            return value
+        p = Path(value).expanduser()
+        return str(p.resolve()) if (p.exists() or not must_exist) else value
+
+    cfg.model.path = absolute(cfg.model.path)
+    cfg.model.tokenizer = absolute(cfg.model.tokenizer)
+    cfg.reward.model = absolute(cfg.reward.model)
+    cfg.critic.model = absolute(cfg.critic.model)
+    cfg.train.output_dir = absolute(cfg.train.output_dir, must_exist=False)
     p = Path(cfg.model.path)
     looks_local = cfg.model.path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p / "config.json").is_file():
         raise ConfigError(f"model.path: '{cfg.model.path}' is not a model directory (no config.json there)")
+    for key, value in (("reward.model", cfg.reward.model), ("critic.model", cfg.critic.model)):
+        if value and value.startswith(("/", ".", "~")) and not (Path(value) / "config.json").is_file():
+            raise ConfigError(f"{key}: '{value}' is not a model directory (no config.json there)")

@@ -78,9 +78,9 @@ def run(cfg: Config) -> dict[str, Any]:
     """Run DPO (or IPO / SimPO) as configured; returns paths and final metrics."""
     from rlhf_ray.algos.preference import PREFERENCE_LOSSES
     from rlhf_ray.data.batching import pad_batch
-    from rlhf_ray.jobs.common import check_model_path, load_tokenizer, prepare_output_dir
+    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
 
-    check_model_path(cfg)
+    check_paths(cfg)
     tokenizer = load_tokenizer(cfg)
     train, evaluation, counts = prepare_data(cfg, tokenizer)
     output_dir = prepare_output_dir(cfg)

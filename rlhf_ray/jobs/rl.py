@@ -7,7 +7,7 @@ top to bottom in ``rlhf_ray.controller.rl_loop.RLLoop.step``.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Optional
 
 from rlhf_ray.config import Config
 
@@ -47,15 +47,15 @@ def sync_mode(cfg: Config, on_gpu: bool) -> str:
     return "ipc" if cfg.placement.mode == "hybrid" else "nccl"
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run the RL job ``cfg`` describes; returns paths and the last step's metrics."""
+def run(cfg: Config, loop_cls: Optional[type] = None) -> dict[str, Any]:
+    """Run the RL job ``cfg`` describes with ``loop_cls`` (default ``RLLoop``); returns paths and last metrics."""
     from rlhf_ray.controller.cluster import init_ray, node_resources
     from rlhf_ray.controller.placement import check_plan, remove_pools
     from rlhf_ray.controller.rl_loop import RLLoop, batch_shape
     from rlhf_ray.controller.rl_roles import make_plan, start_rl_roles
-    from rlhf_ray.jobs.common import check_model_path, load_tokenizer, prepare_output_dir
+    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
 
-    check_model_path(cfg)
+    check_paths(cfg)
     tokenizer = load_tokenizer(cfg)
     prompts, eval_prompts, counts = prepare_data(cfg, tokenizer)
     output_dir = prepare_output_dir(cfg)
@@ -64,13 +64,13 @@ def run(cfg: Config) -> dict[str, Any]:
     resources = init_ray(cfg.ray)
     check_plan(plan, resources, node_resources())
     log.info(plan.describe())
-    _, mini_batch, updates = batch_shape(cfg)
+    _, _, updates = batch_shape(cfg)
     roles = None
     try:
-        roles = start_rl_roles(cfg, plan, cfg.algo.total_steps * updates, mini_batch, output_dir)
+        roles = start_rl_roles(cfg, plan, cfg.algo.total_steps * updates, output_dir)
         roles.rollout.init_sync(roles.actor, sync_mode(cfg, roles.on_gpu), roles.rollout.group.facts[0]["dtype"],
                                 cfg.rollout.weight_sync_bucket_mb, cfg.rollout.tensor_parallel_size)
-        result = RLLoop(cfg, roles, prompts, eval_prompts, tokenizer, output_dir).run()
+        result = (loop_cls or RLLoop)(cfg, roles, prompts, eval_prompts, tokenizer, output_dir).run()
     finally:
         if roles is not None:
             roles.kill()

@@ -55,9 +55,9 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
 def run(cfg: Config) -> dict[str, Any]:
     """Run SFT as configured; returns paths and final metrics."""
     from rlhf_ray.data.batching import pad_batch
-    from rlhf_ray.jobs.common import check_model_path, load_tokenizer, prepare_output_dir
+    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
 
-    check_model_path(cfg)
+    check_paths(cfg)
     tokenizer = load_tokenizer(cfg)
     train, evaluation, counts = prepare_data(cfg, tokenizer)
     output_dir = prepare_output_dir(cfg)

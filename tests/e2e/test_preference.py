@@ -48,13 +48,10 @@ def evals(out: Path) -> list[dict]:
 
 # ---- reward model --------------------------------------------------------------------------------
 
-def test_reward_model_learns_and_exports_a_sequence_classifier(ray_cluster, tiny_model_dir, tmp_path):
+def test_reward_model_learns_and_exports_a_sequence_classifier(trained_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    out = tmp_path / "rm"
-    cfg = pref_config("rm", tiny_model_dir, out, **{
-        "train.max_steps": 200, "train.eval_every": 50, "optim.min_lr_ratio": 0.1})
-    result = get_job("rm").run(cfg)
+    cfg, result, out = trained_rm  # the rm job, 200 steps (tests/e2e/conftest.py)
     rows = evals(out)
     assert rows[0]["step"] == 0 and result["initial_eval"] == {k: v for k, v in rows[0].items() if k.startswith("eval/")}
     assert result["metrics"]["eval/accuracy"] > 0.9, [r["eval/accuracy"] for r in rows]

@@ -57,10 +57,12 @@ def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path
     assert report["mode"] == "separate" and len(actor) == 2 and len(rollout) == 1 and not actor & rollout
 
 
-def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster, tiny_model_dir, tiny_rm_dir,
+def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster, tiny_model_dir, trained_rm,
                                                                    tmp_path, capsys):
     """job: ppo from the CLI, placement shared: actor+reference on the same GPUs, critic+reward model on the same
-    GPUs, the engine apart. Rewards: a reward model, a Python file and an HTTP endpoint, summed with weights."""
+    GPUs, the engine apart. Rewards: the reward model trained by job rm (its export used as is), a Python file
+    and an HTTP endpoint, summed with weights."""
+    rm_dir = trained_rm[1]["final_model"]
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text("def reward_fn(prompts, responses, answer, **_):\n"
                            "    return [1.0 if a in r else 0.0 for r, a in zip(responses, answer)]\n")
@@ -70,7 +72,7 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
     out = tmp_path / "ppo"
     try:
         code = cli_main(["train", str(REPO / "examples/ppo_tiny_cpu.yaml"),
-                         f"model.path={tiny_model_dir}", f"reward.model={tiny_rm_dir}",
+                         f"model.path={tiny_model_dir}", f"reward.model={rm_dir}",
                          f"reward.functions=[{reward_file}, '{url}']", "reward.weights=[1.0, 0.5]",
                          "learner.gpus_per_worker=1", "reward.gpus_per_worker=1", "reward.num_workers=1",
                          "critic.num_workers=1",

@@ -40,7 +40,7 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
             {"learner.zero_stage": 2, "model.lora.enabled": True, "model.lora.rank": 4, "optim.lr": 5e-2})
     cfg = _config(tiny_model_dir, tmp_path, **over)
     (tmp_path).mkdir(exist_ok=True)
-    roles = start_rl_roles(cfg, make_plan(cfg), optimizer_steps=4, mini_batch=4, output_dir=tmp_path)
+    roles = start_rl_roles(cfg, make_plan(cfg), optimizer_steps=4, output_dir=tmp_path)
     try:
         info = roles.rollout.init_sync(roles.actor, "gloo", "float32", cfg.rollout.weight_sync_bucket_mb, 1)
         assert info["buckets"] >= 2  # 1 MB buckets: the tiny model's ~1.3 MB goes in several collectives

@@ -61,7 +61,7 @@ def test_shared_with_mismatched_sizes_is_refused():
 
 
 @pytest.mark.parametrize("over, message", [
-    ({"job": "grpo", "reward.functions": []}, "reward.functions: an RL job needs a reward"),
+    ({"job": "grpo", "reward.functions": []}, "reward.functions: job grpo needs a reward"),
     ({"job": "ppo", "algo.advantage": "grpo"}, "algo.advantage: job ppo trains a critic for GAE"),
     ({"job": "grpo", "algo.advantage": "gae"}, "algo.advantage: gae needs a critic"),
     ({"job": "grpo", "rollout.n_samples": 1}, "rollout.n_samples: algo.advantage=grpo compares samples"),

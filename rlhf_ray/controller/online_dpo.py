@@ -1,0 +1,104 @@
+"""Online DPO (Guo et al. 2024, "Direct Language Model Alignment from Online AI Feedback"), on the RL machinery.
+
+Each round, read top to bottom in ``OnlineDPOLoop.step``:
+
+    1. generate   the current policy samples ``rollout.n_samples`` responses per prompt (vLLM engines)
+    2. score      reward functions and / or a reward model label them
+    3. pairs      per prompt, the best response is chosen and the worst rejected (ties are skipped, counted)
+    4. update     reference log-probs of both (frozen reference group; none for SimPO), one DPO step with
+                  the offline ``dpo`` objective and the losses of ``rlhf_ray.algos.preference``
+    5. sync       the new weights into the engines
+
+Generation, scoring, weight sync, checkpoints and resume are ``RLLoop``'s; only the update differs.
+Every round's pairs go into one optimizer step, each learner rank taking its share as one micro-batch
+(``learner.micro_batch_size x learner.num_workers >= algo.prompts_per_step``, checked at load).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rlhf_ray.controller.rl_loop import RLLoop
+from rlhf_ray.data.batching import pad_batch
+from rlhf_ray.metrics import PhaseTimer
+
+IGNORE_INDEX = -100
+
+
+def best_worst_pairs(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[list[tuple[int, int]], int]:
+    """For each prompt (``group_index`` value), the (chosen, rejected) indices of its highest- and lowest-reward
+    samples; prompts whose samples all score the same give no pair and are counted. The first of equal scores
+    wins, so the choice is deterministic. rewards: (B,), group_index: (B,) -> (pairs in prompt order, ties)."""
+    pairs, ties = [], 0
+    for g in torch.unique(group_index, sorted=True).tolist():
+        idx = (group_index == g).nonzero().flatten().tolist()
+        scores = [float(rewards[i]) for i in idx]
+        hi, lo = max(scores), min(scores)
+        if hi == lo:
+            ties += 1
+            continue
+        pairs.append((idx[scores.index(hi)], idx[scores.index(lo)]))
+    return pairs, ties
+
+
+def sequence_example(batch, b: int) -> dict[str, list[int]]:
+    """Row ``b`` of a rollout batch as ``{"input_ids", "labels"}`` with labels -100 off the response."""
+    n = int(batch.attention_mask[b].sum())
+    ids = batch.input_ids[b, :n].tolist()
+    action = batch.action_mask[b, : n - 1].bool().tolist()
+    labels = [IGNORE_INDEX] + [t if a else IGNORE_INDEX for t, a in zip(ids[1:], action)]
+    return {"input_ids": ids, "labels": labels}
+
+
+class OnlineDPOLoop(RLLoop):
+    """``RLLoop`` with a DPO update on each round's best / worst samples instead of a policy-gradient step."""
+
+    def step(self, step: int) -> dict[str, float]:
+        timer = PhaseTimer()
+        prompts = self.prompt_batch(step)
+        t_step = time.perf_counter()
+
+        # 1-2. generate and score
+        batch, gens, rows = self.generate(prompts, timer)
+        metrics = self.score(batch, rows, timer)
+
+        # 3. pairs
+        pairs, ties = best_worst_pairs(batch.rewards, batch.group_index)
+        metrics.update({"online_dpo/pairs": float(len(pairs)), "online_dpo/ties_skipped": float(ties)})
+
+        # 4. update (skipped, and said so, when too few prompts had a better and a worse sample)
+        with timer("train"):
+            if len(pairs) >= self.roles.actor.world:
+                metrics.update(self.dpo_update(batch, pairs, timer))
+            metrics["online_dpo/update_skipped"] = float(len(pairs) < self.roles.actor.world)
+
+        # 5. sync
+        with timer("weight_sync"):
+            sync = self.sync_weights()
+        metrics.update(self.rollout_metrics(batch, gens, sync))
+        return self.finish_metrics(metrics, timer, batch, gens, t_step)
+
+    def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer) -> dict[str, float]:
+        """One optimizer step of the ``dpo`` objective on ``pairs``, each rank's share as one two-halves micro-batch."""
+        world, pad = self.roles.actor.world, self.tokenizer.pad_token_id
+        shares = [pairs[r::world] for r in range(world)]
+        per_rank = [[pad_batch([sequence_example(batch, c) for c, _ in share]
+                               + [sequence_example(batch, r) for _, r in share], pad)] for share in shares]
+        d = self.cfg.dpo
+        if self.roles.reference is not None:
+            with timer("reference"):
+                refs = self.roles.reference.group.call_split("infer", per_rank, "pair_logprobs")
+            for rank_mbs, rank_out in zip(per_rank, refs):
+                for mb, ref in zip(rank_mbs, rank_out):
+                    mb["ref_logps"] = ref
+        kwargs = {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "gamma": d.simpo_gamma,
+                  "nll_coef": d.nll_coef, "loss_scale": world / len(pairs)}
+        ranks = self.roles.actor.group.call_split("train_step", per_rank, "dpo", kwargs)
+        n = sum(r["pairs"] for r in ranks)
+        total = lambda key: sum(r[key] for r in ranks)  # noqa: E731
+        return {"actor/dpo_loss": total("loss_sum") / n, "actor/reward_accuracy": total("correct") / n,
+                "actor/margin": (total("chosen_sum") - total("rejected_sum")) / n,
+                "actor/rewards_chosen": total("chosen_sum") / n, "actor/rewards_rejected": total("rejected_sum") / n,
+                "actor/grad_norm": ranks[0]["grad_norm"], "actor/lr": ranks[0]["lr"]}
