@@ -59,11 +59,11 @@ class RolloutBatch:
         logprobs = torch.zeros((B, T - 1), dtype=torch.float32)
         for b, (p, r, lp) in enumerate(zip(prompt_ids, response_ids, response_logprobs)):
             P, R = len(p), len(r)
-            input_ids[b, :P] = torch.as_tensor(p, dtype=torch.long)
-            if R:
-                input_ids[b, P:P + R] = torch.as_tensor(r, dtype=torch.long)
+            input_ids[b, :P] = torch.tensor(p, dtype=torch.long)
+            if R:  # torch.tensor copies: vLLM's arrays arrive read-only through Ray's object store
+                input_ids[b, P:P + R] = torch.tensor(r, dtype=torch.long)
                 action_mask[b, P - 1:P - 1 + R] = 1.0
-                logprobs[b, P - 1:P - 1 + R] = torch.as_tensor(lp, dtype=torch.float32)
+                logprobs[b, P - 1:P - 1 + R] = torch.tensor(lp, dtype=torch.float32)
             attention_mask[b, :P + R] = 1
         return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask,
                             group_index=torch.as_tensor(group_index, dtype=torch.long), rollout_logprobs=logprobs)

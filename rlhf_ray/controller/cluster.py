@@ -33,7 +33,3 @@ def node_resources() -> list[dict[str, float]]:
     import ray
 
     return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-
-
-def uses_gpus(gpus_per_worker: float) -> bool:
-    return gpus_per_worker > 0

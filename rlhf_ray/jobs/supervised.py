@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import torch
 
-from rlhf_ray.checkpoint import CheckpointDir
+from rlhf_ray.checkpoint import CheckpointDir, publish_final
 from rlhf_ray.config import Config, ConfigError, to_dict
 from rlhf_ray.controller.cluster import init_ray, node_resources
 from rlhf_ray.controller.groups import launch_learner_group
@@ -295,8 +295,7 @@ def _train(cfg: Config, task: SupervisedTask, train: Sequence[Any], evaluation: 
     if evaluation:
         last.update(evaluate())
     final_ckpt = save(total_steps) if total_steps > start_step or ckpt.latest() is None else ckpt.latest()
-    final = output_dir / "final"
-    _publish_final(final_ckpt / "model", final)
+    final = publish_final(final_ckpt / "model", output_dir)
     logger.close()
     group.kill()
     if ref_group is not None:
@@ -305,17 +304,3 @@ def _train(cfg: Config, task: SupervisedTask, train: Sequence[Any], evaluation: 
     if initial:
         result["initial_eval"] = initial
     return result
-
-
-def _publish_final(model_dir: Path, final: Path) -> None:
-    """Copy the last checkpoint's HF model to ``<output_dir>/final`` (atomically, via rename)."""
-    import os
-    import shutil
-
-    tmp = final.with_name(".final.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    shutil.copytree(model_dir, tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)

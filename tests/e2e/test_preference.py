@@ -17,10 +17,15 @@ from rlhf_ray.jobs import get_job
 from rlhf_ray.metrics import read_metrics
 
 
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = {"rm": "examples/rm_tiny_cpu.yaml", "dpo": "examples/dpo_tiny_cpu.yaml", "kto": "examples/kto_tiny_cpu.yaml"}
+
+
 def pref_config(job: str, model_dir: str, out: Path, **over):
+    """examples/<job>_tiny_cpu.yaml (the README's example of the job), with the tests' settings."""
     values = {
-        "job": job,
         "model.path": model_dir,
+        "train.save_every": 0,
         "data.path": "demo:kto" if job == "kto" else "demo:preferences",
         "data.demo_size": 512,
         "data.max_length": 96,
@@ -38,7 +43,7 @@ def pref_config(job: str, model_dir: str, out: Path, **over):
         "logging.tensorboard": False,
     }
     values.update(over)
-    return load_config(values=values)
+    return load_config(REPO / EXAMPLES[job], values=values)
 
 
 def evals(out: Path) -> list[dict]:

@@ -1,11 +1,11 @@
 """Every command the README shows is run, here or by the test named for it, so the docs cannot drift.
 
 Commands come from the README's code blocks. ``rlhf-ray`` commands run here in a scratch directory that
-sees the repo's ``examples/`` (as a user in a clone would), joined to the session's Ray cluster, with
-tiny step counts appended to ``train`` commands of the offline jobs; rollout jobs' ``train`` commands are
-validated here (config, data, reward files) and trained by the e2e test that names their example. Every
-other command must appear verbatim in the test file ``OTHER_TESTS`` maps it to (cluster, benchmark and
-server commands are run there). A README command that matches nothing fails this test.
+sees the repo's ``examples/`` (as a user in a clone would): ``make-tiny-model`` and ``validate`` as
+written, ``train`` as ``validate`` with the same arguments (config, data, reward files all checked),
+and the example it names must be trained by an e2e test (which loads that very file as its base
+config and shortens it). Every other command must appear verbatim in the test file ``OTHER_TESTS``
+maps it to (cluster and benchmark commands are run there). A README command that matches nothing fails.
 """
 
 from __future__ import annotations
@@ -22,9 +22,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 TESTS = REPO / "tests"
 
-# Offline jobs train here for real, shortened; rollout jobs are trained by the e2e test that names the example.
-SHORT_TRAIN = ["train.max_steps=2", "train.save_every=0", "train.eval_every=0", "logging.progress_bar=false"]
-ROLLOUT_JOBS = ("grpo", "ppo", "online_dpo", "best_of_n")
 OTHER_TESTS = {
     "bash launch/test.sh": REPO / ".ci" / "run",
     "python launch/submit.py": TESTS / "e2e" / "test_cluster.py",
@@ -82,26 +79,32 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedP
     return proc
 
 
-def test_every_rlhf_ray_command_runs(ray_cluster, scratch):
-    address = ray_cluster.get_runtime_context().gcs_address
+def test_every_rlhf_ray_command_runs(scratch, monkeypatch, capsys):
+    """Through ``rlhf_ray.cli.main``, the function the ``rlhf-ray`` console script calls, in the scratch clone."""
+    from rlhf_ray.cli import main
+
     commands = [c for c in readme_commands() if c.startswith("rlhf-ray")]
     assert commands, "no rlhf-ray commands found in the README"
-    rlhf = [sys.executable, "-m", "rlhf_ray"]
-    # make-tiny-model first: every example reads runs/tiny-model; rm next: the PPO example reads its export.
-    order = sorted(commands, key=lambda c: (not c.startswith("rlhf-ray make-tiny-model"), "rm_tiny_cpu" not in c))
+    monkeypatch.chdir(scratch)
+
+    def rlhf(argv: list[str]) -> None:
+        code = main(argv)
+        assert code == 0, f"rlhf-ray {' '.join(argv)} -> {code}: {capsys.readouterr().err[-2000:]}"
+
+    # make-tiny-model first (every example reads runs/tiny-model); the PPO example's reward model is
+    # runs/rm-tiny/final, which `train examples/rm_tiny_cpu.yaml` writes: a tiny stand-in is made for it here.
+    order = sorted(commands, key=lambda c: not c.startswith("rlhf-ray make-tiny-model"))
     for cmd in order:
         argv = shlex.split(cmd)[1:]
         if argv[0] == "train":
-            job = _job_of(scratch / argv[1])
-            if job in ROLLOUT_JOBS:
-                example = Path(argv[1]).name
-                trained_by = [p for p in (TESTS / "e2e").glob("test_*.py") if example in p.read_text()
-                              and p.name != "test_readme.py"]
-                assert trained_by, f"README command {cmd!r}: no e2e test trains {example}"
-                argv = ["validate", *argv[1:]]
-            else:
-                argv = argv + SHORT_TRAIN + [f"ray.address={address}"]
-        _run(rlhf + argv, scratch)
+            example = argv[1]
+            trained_by = [p.name for p in (TESTS / "e2e").glob("test_*.py") if example in p.read_text()
+                          and p.name != "test_readme.py"]
+            assert trained_by, f"README command {cmd!r}: no e2e test trains {example}"
+            if "rm-tiny/final" in (scratch / example).read_text() and not (scratch / "runs/rm-tiny/final").exists():
+                rlhf(["make-tiny-model", "runs/rm-tiny/final", "--reward-model"])
+            argv = ["validate", *argv[1:]]
+        rlhf(argv)
 
 
 def test_quickstart_demo_runs(scratch):
@@ -141,9 +144,3 @@ def test_reward_server_command_serves(scratch):
         finally:
             proc.terminate()
             proc.wait(10)
-
-
-def _job_of(config: Path) -> str:
-    import yaml
-
-    return yaml.safe_load(config.read_text())["job"]
