@@ -27,9 +27,14 @@ class PendingGroup:
 
     group: WorkerGroup
     refs: list
+    done: bool = False
 
     def ready(self) -> WorkerGroup:
+        """Wait (bounded) for every member's setup; later calls return the group at once."""
+        if self.done:
+            return self.group
         facts = self.group.wait(self.refs, "setup")
+        self.done = True
         self.group.facts = facts
         f0 = facts[0]
         if "params" in f0:

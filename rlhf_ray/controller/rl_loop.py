@@ -298,9 +298,10 @@ class RLLoop:
         start = self.resume()
         if start:  # the engines started from model.path; give them the checkpoint's weights
             self.sync_weights()
-        elif self.hybrid:
+        elif self.hybrid:  # engines asleep since start-up (rl_roles): learners make room, engines wake
             for role in self.learner_roles():
                 role.offload()
+            self.roles.rollout.wake_up()
         logger = MetricsLogger(cfg.logging, self.output_dir, self.total_steps, to_dict(cfg), start, job=cfg.job)
         last: dict[str, float] = {}
         try:

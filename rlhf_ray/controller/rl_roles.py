@@ -134,7 +134,18 @@ def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, outpu
     pg = {role: pools[plan.role_pool[role]] for role in plan.role_pool}
     bundles = lambda n: list(range(n))  # noqa: E731 - rank i of every role takes bundle i of its pool
     actor_lc = lc  # global_batch_size was resolved at load: one optimizer step per mini-batch (or round)
-    pending: dict[str, Any] = {}
+    max_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
+    hybrid = cfg.placement.mode == "hybrid"
+    rollout = launch_rollout_group(
+        cfg.model.path, cfg.model.tokenizer, cfg.rollout, cfg.model.dtype, tc.seed,
+        cfg.rollout.max_model_len or max_len, cfg.model.trust_remote_code, hybrid,
+        gpus_per_engine(cfg) * share["rollout"], cfg.rollout.cpus_per_engine, tc.timeout_s, pg["rollout"],
+        bundles(cfg.rollout.num_engines))
+    pending: dict[str, Any] = {"rollout": rollout}
+    if hybrid:
+        # vLLM sizes its KV cache from the GPU memory free when it starts: let it start alone, then sleep
+        # (a no-op on CPU) before the learners load onto the same GPUs. RLLoop.run wakes it.
+        rollout.ready().call_all("sleep")
     if "actor" in pg:
         pending["actor"] = launch_learner_group("actor", cfg.model, cfg.optim, actor_lc, optimizer_steps, "causal_lm",
                                                 True, tc.seed, tc.timeout_s, pg["actor"], bundles(lc.num_workers),
@@ -157,14 +168,6 @@ def start_rl_roles(cfg: Config, plan: PlacementPlan, optimizer_steps: int, outpu
         pending["reward_model"] = launch_learner_group(
             "reward_model", rm_model, cfg.optim, rlc, 1, "sequence_score", False, tc.seed, tc.timeout_s,
             pg["reward"], bundles(rlc.num_workers), share["reward"])
-    max_len = cfg.data.max_prompt_length + cfg.rollout.max_new_tokens
-    sleep_mode = cfg.placement.mode == "hybrid"  # takes effect on GPUs only (vLLM's sleep mode is CUDA memory)
-    pending["rollout"] = launch_rollout_group(
-        cfg.model.path, cfg.model.tokenizer, cfg.rollout, cfg.model.dtype, tc.seed,
-        cfg.rollout.max_model_len or max_len, cfg.model.trust_remote_code, sleep_mode,
-        gpus_per_engine(cfg) * share["rollout"], cfg.rollout.cpus_per_engine, tc.timeout_s, pg["rollout"],
-        bundles(cfg.rollout.num_engines))
-
     groups = {name: p.ready() for name, p in pending.items()}
     roles = RLRoles(
         actor=LearnerRole("actor", groups["actor"], lc.micro_batch_size) if "actor" in groups else None,
