@@ -400,13 +400,60 @@ class BestOfNConfig:
 
 @dataclass
 class PlacementConfig:
-    """How roles share GPUs."""
+    """How roles share GPUs and which nodes they run on.
+
+    Role names: ``actor``, ``reference``, ``critic``, ``reward``, ``rollout`` (ppo, grpo) and
+    ``learner``, ``reference`` (sft, rm, dpo, kto, ...). The plan (pools, strategies, selectors) is
+    printed and checked against the cluster before any actor starts.
+    """
 
     mode: Literal["separate", "shared", "hybrid"] = "separate"
     """separate: every role on its own GPUs; shared: actor+reference and critic+reward share;
     hybrid: learners and vLLM on the same GPUs (vLLM sleeps while learners train)."""
-    strategy: Literal["PACK", "SPREAD"] = "PACK"
-    """PACK fills a node first; SPREAD puts bundles on different nodes."""
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How each role's placement group spreads its bundles (one bundle per worker / engine): PACK fills a
+    node first; SPREAD prefers different nodes; STRICT_PACK requires one node; STRICT_SPREAD requires a
+    different node per bundle."""
+    role_strategy: dict[str, str] = field(default_factory=dict)
+    """Per role, a strategy overriding ``strategy``, e.g. ``{rollout: SPREAD, actor: STRICT_PACK}``
+    (colocated roles share one placement group and must agree)."""
+    node_selector: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per role, the Ray node labels its workers require, e.g.
+    ``{actor: {rlhf-ray/pool: learner}, rollout: {rlhf-ray/pool: rollout}}`` puts the learners on nodes
+    started with ``--labels rlhf-ray/pool=learner`` and the vLLM engines on the ``rollout`` ones. Nodes
+    get labels from ``ray start --labels k=v``, ``labels:`` of a cluster-launcher node type, or
+    ``labels:`` of a KubeRay worker group (see cluster_configs/). A value may be Ray selector syntax:
+    ``v``, ``!v``, ``in(a,b)``, ``!in(a,b)``; Ray's own labels work too (``ray.io/accelerator-type: H100``).
+    Colocated roles share one placement group: their selectors are merged. A selector no alive node
+    satisfies stops the job before any actor starts. Override one label from the command line with
+    ``placement.node_selector.rollout.rlhf-ray/pool=rollout`` (keys without dots)."""
+
+    def __post_init__(self) -> None:
+        import re
+
+        name = r"[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"  # Kubernetes / Ray label syntax
+        label_key = re.compile(rf"({name}(\.{name})*/)?{name}")
+        label_selector = re.compile(rf"!?(in\({name}(, ?{name})*\)|{name})")
+        for key, mapping in (("role_strategy", self.role_strategy), ("node_selector", self.node_selector)):
+            unknown = sorted(set(mapping) - set(PLACEMENT_ROLES))
+            _check(not unknown, key, f"unknown role(s) {unknown}; roles are {list(PLACEMENT_ROLES)}")
+        for role, strat in self.role_strategy.items():
+            _check(strat in PLACEMENT_STRATEGIES, f"role_strategy.{role}",
+                   f"must be one of {list(PLACEMENT_STRATEGIES)}, got {strat!r}")
+        for role, selector in self.node_selector.items():
+            _check(isinstance(selector, dict), f"node_selector.{role}",
+                   f"must be a mapping of node label to value, e.g. {{rlhf-ray/pool: {role}}}, got {selector!r}")
+            for label, value in selector.items():
+                _check(isinstance(label, str) and label_key.fullmatch(label) is not None, f"node_selector.{role}",
+                       f"{label!r} is not a valid label key ([prefix/]name, e.g. rlhf-ray/pool)")
+                _check(isinstance(value, str) and label_selector.fullmatch(value) is not None,
+                       f"node_selector.{role}.{label}",
+                       f"{value!r} is not a label value or selector (v, !v, in(a,b), !in(a,b))")
+
+
+PLACEMENT_ROLES = ("actor", "reference", "critic", "reward", "rollout", "learner")
+"""Role names ``placement.role_strategy`` and ``placement.node_selector`` accept."""
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass

@@ -84,7 +84,9 @@ def role_requests(cfg: Config) -> list[RoleRequest]:
 
 
 def make_plan(cfg: Config) -> PlacementPlan:
-    return plan_placement(role_requests(cfg), COLOCATE[cfg.placement.mode], cfg.placement.strategy)
+    """The RL job's pools: colocation from ``placement.mode``; strategies and node selectors per role."""
+    pc = cfg.placement
+    return plan_placement(role_requests(cfg), COLOCATE[pc.mode], pc.strategy, pc.node_selector, pc.role_strategy)
 
 
 @dataclass

@@ -191,7 +191,8 @@ def run_supervised(cfg: Config, task: SupervisedTask, train: Sequence[Any], eval
     if task.reference_forward and task.reference_mode == "group":
         roles.append(RoleRequest("reference", lc.num_workers, lc.gpus_per_worker, lc.cpus_per_worker))
     colocate = [["learner", "reference"]] if cfg.placement.mode in ("shared", "hybrid") else []
-    plan = plan_placement(roles, colocate, cfg.placement.strategy)
+    plan = plan_placement(roles, colocate, cfg.placement.strategy, cfg.placement.node_selector,
+                          cfg.placement.role_strategy)
     resources = init_ray(cfg.ray)
     check_plan(plan, resources, node_resources())
     log.info(plan.describe())
