@@ -109,7 +109,8 @@ class RLRoles:
             if role is None:
                 continue
             pool = self.plan.role_pool["reward" if name == "reward_model" else name] if self.plan else None
-            out[name] = [{"rank": i, "node": f.get("node"), "gpu_ids": f.get("gpu_ids"), "pid": f.get("pid"),
+            out[name] = [{"rank": i, "node": f.get("node"), "node_id": f.get("node_id"), "gpu_ids": f.get("gpu_ids"),
+                          "pid": f.get("pid"),
                           "pool": pool, "bundle": i} for i, f in enumerate(role.group.facts)]
         return out
 

@@ -20,6 +20,13 @@ def node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
+def node_id() -> str:
+    """This node's Ray id (unique even when several nodes share an IP)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("", 0))
@@ -52,9 +59,9 @@ class LearnerWorker:
         self.engine = LearnerEngine(model_cfg, optim_cfg, learner_cfg, total_steps, head=head, trainable=trainable)
         n_params = sum(p.numel() for p in self.engine.module.parameters())
         n_train = sum(p.numel() for p in self.engine.module.parameters() if p.requires_grad)
-        return {"rank": self.rank, "node": node_address(), "backend": backend, "device": str(self.engine.device),
-                "params": n_params, "trainable_params": n_train, "pid": os.getpid(),
-                "gpu_ids": _gpu_ids()}
+        return {"rank": self.rank, "node": node_address(), "node_id": node_id(), "backend": backend,
+                "device": str(self.engine.device), "params": n_params, "trainable_params": n_train,
+                "pid": os.getpid(), "gpu_ids": _gpu_ids()}
 
     def train_step(self, micro_batches: list[dict], objective: str, objective_kwargs: dict | None = None) -> dict:
         """One optimizer step on this rank's micro-batches with the named objective."""

@@ -18,13 +18,13 @@ class RolloutWorker:
     def setup(self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, max_model_len: int,
               tokenizer_path: Optional[str], trust_remote_code: bool, sleep_mode: bool) -> dict[str, Any]:
         from rlhf_ray.engines.rollout_engine import RolloutEngine
-        from rlhf_ray.workers.learner import _gpu_ids, node_address
+        from rlhf_ray.workers.learner import _gpu_ids, node_address, node_id
 
         self.engine = RolloutEngine(model_path, cfg, dtype, seed + self.rank, max_model_len, tokenizer_path,
                                     trust_remote_code, sleep_mode)
-        return {"rank": self.rank, "node": node_address(), "gpu_ids": _gpu_ids(), "pid": os.getpid(),
-                "start_s": self.engine.start_seconds, "device": "cuda" if self.engine.on_gpu else "cpu",
-                "dtype": self.engine.dtype}
+        return {"rank": self.rank, "node": node_address(), "node_id": node_id(), "gpu_ids": _gpu_ids(),
+                "pid": os.getpid(), "start_s": self.engine.start_seconds,
+                "device": "cuda" if self.engine.on_gpu else "cpu", "dtype": self.engine.dtype}
 
     def generate(self, prompt_ids: list[list[int]], spec):
         return self.engine.generate(prompt_ids, spec)
