@@ -39,8 +39,10 @@ def test_best_of_n_beats_plain_sampling_and_writes_an_sft_set(ray_cluster, tiny_
     assert "config OK: job=sft" in capsys.readouterr().out
 
 
-def test_online_dpo_rounds_raise_the_reward(ray_cluster, tiny_model_dir, tmp_path, capsys):
-    """Several rounds of generate -> label -> DPO step -> weight sync; the labelled reward rises."""
+def test_online_dpo_rounds_raise_the_reward_and_resume(ray_cluster, tiny_model_dir, tmp_path, capsys):
+    """Several rounds of generate -> label -> DPO step -> weight sync; the labelled reward rises. Resumed from
+    its last checkpoint with two more rounds, the run continues from the trained policy (the new engines get
+    the checkpoint's weights), not from the base model."""
     reward = tmp_path / "short.py"
     reward.write_text(SHORT)
     out = tmp_path / "odpo"
@@ -57,3 +59,11 @@ def test_online_dpo_rounds_raise_the_reward(ray_cluster, tiny_model_dir, tmp_pat
     assert all(k in rows[-1] for k in ("actor/dpo_loss", "actor/reward_accuracy", "actor/margin", "timing/reference_s",
                                        "timing/weight_sync_s", "weight_sync/bytes"))
     assert (out / "final" / "model.safetensors").is_file()
+
+    code = cli_main(["train", str(out / "config.yaml"), "train.resume=true", "algo.total_steps=14"])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    resumed = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == list(range(1, 15))
+    assert resumed[:12] == rows  # the first run's lines are kept as they were
+    after = [r["rollout/reward_mean"] for r in resumed[12:]]
+    assert min(after) > sum(rewards[:3]) / 3 + 0.1, (rewards, after)
