@@ -32,6 +32,7 @@ from rlhf_ray.controller.reward_scoring import RewardScorer
 from rlhf_ray.controller.rl_roles import RLRoles
 from rlhf_ray.data.batching import iter_epoch_batches
 from rlhf_ray.data.prompts import PromptSet
+from rlhf_ray.efficiency import ModelShape, efficiency_metrics, rl_step_counts
 from rlhf_ray.engines.rollout_engine import SamplingSpec
 from rlhf_ray.metrics import MetricsLogger, PhaseTimer
 
@@ -82,6 +83,13 @@ class RLLoop:
         self.spec = SamplingSpec.from_config(cfg.rollout)
         self.adv_params = AdvantageParams(gamma=a.gamma, lam=a.lam, norm_by_std=a.norm_adv_by_std)
         self.scorer = RewardScorer.from_config(cfg, roles.reward_model, tokenizer)
+        # The efficiency report: every phase beside its floor on the device measured here, once per run.
+        self.shapes = {"policy": ModelShape.from_hf_config(cfg.model.path),
+                       "critic": (ModelShape.from_hf_config(cfg.critic.model or cfg.model.path, head="token_value")
+                                  if roles.critic is not None else None),
+                       "reward_model": (ModelShape.from_hf_config(cfg.reward.model, head="sequence_score")
+                                        if roles.reward_model is not None else None)}
+        self.calibration = roles.actor.group.call_rank0("calibrate") if roles.actor is not None else None
         self.ckpt = CheckpointDir(output_dir, keep=cfg.train.keep_checkpoints)
         self.hybrid = cfg.placement.mode == "hybrid" and roles.on_gpu
         self._epoch_cache: tuple[int, list] = (-1, [])
@@ -229,6 +237,13 @@ class RLLoop:
         metrics["timing/step_s"] = time.perf_counter() - t_step
         metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
         metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
+        if self.calibration is not None:
+            sh = self.shapes
+            trainable = self.roles.actor.group.facts[0]["trainable_params"] if self.cfg.model.lora.enabled else None
+            counts = rl_step_counts(batch, self.cfg, self.roles.on_gpu, metrics.get("weight_sync/bytes", 0.0),
+                                    sh["policy"], sh["critic"], sh["reward_model"], trainable)
+            metrics.update(efficiency_metrics(metrics, counts, sh["policy"], self.calibration, sh["critic"],
+                                              sh["reward_model"]))
         return metrics
 
     def step_metrics(self, batch, gens, kl, actor_steps, critic_steps, sync) -> dict[str, float]:

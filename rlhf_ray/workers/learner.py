@@ -63,6 +63,12 @@ class LearnerWorker:
                 "device": str(self.engine.device), "params": n_params, "trainable_params": n_train,
                 "pid": os.getpid(), "gpu_ids": _gpu_ids()}
 
+    def calibrate(self) -> dict:
+        """Measure this actor's device (matmul rate, memory and host<->device bandwidth) for the efficiency report."""
+        from rlhf_ray.efficiency import calibrate_here
+
+        return calibrate_here(dtype=str(self.engine.dtype).replace("torch.", ""))
+
     def train_step(self, micro_batches: list[dict], objective: str, objective_kwargs: dict | None = None) -> dict:
         """One optimizer step on this rank's micro-batches with the named objective."""
         from rlhf_ray.engines.objectives import get_objective

@@ -90,8 +90,12 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
                 "critic/value_loss", "critic/values_mean", "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
                 "kl/policy_reference", "kl/coef", "timing/generate_s", "timing/reward_s", "timing/reference_s",
                 "timing/critic_s", "timing/old_logprobs_s", "timing/train_s", "timing/weight_sync_s",
-                "efficiency/tokens_per_s"):
+                "efficiency/tokens_per_s", "efficiency/step_floor_s", "efficiency/mfu",
+                "efficiency/generate_vs_floor", "efficiency/train_vs_floor", "efficiency/weight_sync_vs_floor",
+                "efficiency/critic_vs_floor", "efficiency/reward_floor_s", "efficiency/idle_s"):
         assert key in last and isinstance(last[key], float), key
+    # A phase never beats its physical floor (the floors are lower bounds on the device measured in-run).
+    assert all(v >= 1.0 for k, v in last.items() if k.endswith("_vs_floor")), last
     # Every source moved the total: reward = 1.0 * file + 0.5 * http + reward model.
     for r in rows:
         want = r["reward/reward_fn_mean"] + 0.5 * r[http_key] + r["reward/model_mean"]

@@ -61,6 +61,8 @@ def test_sft_with_zero2_and_zero3_lowers_the_response_loss_identically(ray_clust
         # A random-init char model starts near ln(vocab) ~ 4.6 and must drop clearly on this set.
         assert sum(losses[stage][-3:]) / 3 < sum(losses[stage][:3]) / 3 - 0.5, losses[stage]
         assert all(r["train/response_tokens"] > 0 for r in rows)
+        # The efficiency report rides along in every run: train time beside its FLOP floor, and MFU.
+        assert all(r["efficiency/train_vs_floor"] > 1.0 and 0 < r["efficiency/mfu"] < 1 for r in rows)
         final = Path(result["final_model"])
         assert (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file()
     assert losses[2] == pytest.approx(losses[3], rel=1e-4, abs=1e-5)
