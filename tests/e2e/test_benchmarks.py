@@ -98,7 +98,6 @@ def test_grpo_tiny_prints_the_table_and_writes_the_json(grpo_tiny):
 
 def test_trl_runs_the_same_workload_beside_ours(grpo_tiny):
     """``benchmarks.bench_trl --from <work dir>``: TRL's GRPOTrainer on the same model and prompts, put beside ours."""
-    pytest.importorskip("trl")
     work, _, _ = grpo_tiny
     proc = _run(TRL_BESIDE, work.parents[2], timeout=600)
     assert "TRL s" in proc.stdout and "TRL's speed" in proc.stdout
