@@ -23,20 +23,21 @@ completion token, and (``dropped_identical_after_truncation``) when the cut make
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
 from rlhf_ray.config.schema import DataConfig
 from rlhf_ray.data.errors import DataError
-from rlhf_ray.data.sft import (IGNORE_INDEX, BadRows, RowProblem, chat_prompt_ids, check_messages, check_template,
-                               completion_ids, encode, eos_id, no_examples_message, prompt_messages, with_system)
+from rlhf_ray.data.sft import (IGNORE_INDEX, BadRows, RowProblem, TokenizedSet, chat_prompt_ids, check_messages,
+                               check_template, completion_ids, encode, eos_id, no_examples_message, prompt_messages,
+                               with_system)
 from rlhf_ray.data.sources import RowSet
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class PreferenceSet:
+class PreferenceSet(TokenizedSet):
     """Tokenized preference examples (pairs or unpaired) and what happened to the other rows.
 
     Pair examples: ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` (completion tokens only), and
@@ -44,31 +45,16 @@ class PreferenceSet:
     -100 on the prompt}`` ready for ``pad_batch``: the labels are the completion masks (``!= -100``),
     ``pad_batch`` adds the attention masks. Unpaired examples: ``prompt_ids``, ``completion_ids``,
     ``input_ids``, ``labels`` (as above) and ``desirable`` (bool). Both carry ``location``.
+    The row counters are ``TokenizedSet``'s, read with "completion" for "response".
     """
 
-    kind: Literal["pairs", "unpaired"]
-    examples: list[dict[str, Any]]
-    source: str
-    rows: int
-    truncated: int = 0
-    """Examples whose completion(s) were cut from the right (overlength: truncate)."""
-    dropped: int = 0
-    """Rows over a length limit left out (overlength: drop)."""
-    dropped_prompt_too_long: int = 0
-    """overlength: truncate, but the prompt is over max_prompt_length or leaves no completion token."""
+    kind: Literal["pairs", "unpaired"] = "pairs"
     dropped_identical_after_truncation: int = 0
-    skipped: int = 0
-    """Rows skipped under on_bad_row: skip (missing field, chosen identical to rejected, bad label, ...)."""
-    skipped_at_load: int = 0
-    skip_reasons: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return len(self.examples)
+    """overlength: truncate cut a pair's two completions to the same tokens."""
 
     def counts(self) -> dict[str, int]:
-        out = {"examples": len(self.examples), "truncated": self.truncated, "dropped": self.dropped,
-               "dropped_prompt_too_long": self.dropped_prompt_too_long, "skipped": self.skipped,
-               "skipped_at_load": self.skipped_at_load}
+        """The counters, for logs and the job's result."""
+        out = super().counts()
         if self.kind == "pairs":
             out["dropped_identical_after_truncation"] = self.dropped_identical_after_truncation
         else:
@@ -174,7 +160,7 @@ def tokenize_pairs(rows: RowSet, tokenizer, cfg: DataConfig) -> PreferenceSet:
     """
     check_template(tokenizer, cfg)
     eos = eos_id(tokenizer)
-    out = PreferenceSet("pairs", [], rows.source, len(rows), skipped_at_load=rows.skipped_malformed)
+    out = PreferenceSet([], rows.source, len(rows), skipped_at_load=rows.skipped_malformed, kind="pairs")
     bad = BadRows(cfg)
     for loc, row in rows.items():
         try:
@@ -218,7 +204,7 @@ def tokenize_unpaired(rows: RowSet, tokenizer, cfg: DataConfig, completion_field
     """
     check_template(tokenizer, cfg)
     eos = eos_id(tokenizer)
-    out = PreferenceSet("unpaired", [], rows.source, len(rows), skipped_at_load=rows.skipped_malformed)
+    out = PreferenceSet([], rows.source, len(rows), skipped_at_load=rows.skipped_malformed, kind="unpaired")
     bad = BadRows(cfg)
     for loc, row in rows.items():
         try:

@@ -34,7 +34,7 @@ import logging
 from typing import Any
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +74,22 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
     return list(train.examples), list(evaluation), counts
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run DPO (or IPO / SimPO) as configured; returns paths and final metrics."""
+def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
+    """The DPO family's task: chosen and rejected in one padded batch, reference log-probs unless reference-free."""
     from rlhf_ray.algos.preference import PREFERENCE_LOSSES
     from rlhf_ray.data.batching import pad_batch
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
 
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    train, evaluation, counts = prepare_data(cfg, tokenizer)
-    output_dir = prepare_output_dir(cfg)
-    pad_id = tokenizer.pad_token_id
     uses_reference = PREFERENCE_LOSSES[cfg.dpo.loss].uses_reference
     if not uses_reference:
         log.info("dpo.loss=%s is reference-free: no reference log-probs (dpo.reference is ignored)", cfg.dpo.loss)
-    task = SupervisedTask(
+    return SupervisedTask(
         name="dpo", objective="dpo", head="causal_lm",
         collate=lambda exs: pad_batch([e["chosen"] for e in exs] + [e["rejected"] for e in exs], pad_id),
         objective_kwargs=dpo_objective_kwargs, reduce=dpo_reduce,
         reference_forward="pair_logprobs" if uses_reference else None, reference_mode=cfg.dpo.reference,
         eval_before_training=True)
-    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
-    result["data"] = counts
-    return result
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run DPO (or IPO / SimPO) as configured; returns paths and final metrics."""
+    return run_offline_job(cfg, prepare_data, make_task)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
 
 log = logging.getLogger(__name__)
 
@@ -145,19 +145,14 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
     return train, evaluation, counts
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Run KTO as configured; returns paths and final metrics."""
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
-
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    train, evaluation, counts = prepare_data(cfg, tokenizer)
-    output_dir = prepare_output_dir(cfg)
-    pad_id = tokenizer.pad_token_id
-    task = SupervisedTask(
+def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
+    """KTO's task: reference log-probs per example, the reference point from a no-grad pass per step."""
+    return SupervisedTask(
         name="kto", objective="kto", head="causal_lm", collate=lambda exs: collate_kto(exs, pad_id),
         objective_kwargs=kto_objective_kwargs, reduce=kto_reduce, reference_forward="pair_logprobs",
         reference_mode=cfg.kto.reference, pre_step=kto_pre_step, eval_before_training=True)
-    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
-    result["data"] = counts
-    return result
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run KTO as configured; returns paths and final metrics."""
+    return run_offline_job(cfg, prepare_data, make_task)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
 
 log = logging.getLogger(__name__)
 
@@ -106,18 +106,13 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
     return train, evaluation, counts
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train the reward model as configured; returns paths and final metrics."""
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
-
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    train, evaluation, counts = prepare_data(cfg, tokenizer)
-    output_dir = prepare_output_dir(cfg)
-    pad_id = tokenizer.pad_token_id
-    task = SupervisedTask(
+def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
+    """The reward model's task: Bradley-Terry loss on a scalar head over chosen / rejected pairs."""
+    return SupervisedTask(
         name="rm", objective="rm", head="sequence_score", collate=lambda exs: collate_pairs(exs, pad_id),
         objective_kwargs=rm_objective_kwargs, reduce=rm_reduce, eval_before_training=True)
-    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
-    result["data"] = counts
-    return result
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train the reward model as configured; returns paths and final metrics."""
+    return run_offline_job(cfg, prepare_data, make_task)

@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_supervised
+from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +52,14 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
     return train_ex, list(evaluation.examples) if evaluation else [], counts
 
 
+def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
+    """SFT's task: next-token loss on response tokens."""
+    from rlhf_ray.data.batching import pad_batch
+
+    return SupervisedTask(name="sft", objective="sft", head="causal_lm", collate=lambda exs: pad_batch(exs, pad_id),
+                          objective_kwargs=sft_objective_kwargs, reduce=sft_reduce)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     """Run SFT as configured; returns paths and final metrics."""
-    from rlhf_ray.data.batching import pad_batch
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
-
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    train, evaluation, counts = prepare_data(cfg, tokenizer)
-    output_dir = prepare_output_dir(cfg)
-    pad_id = tokenizer.pad_token_id
-    task = SupervisedTask(
-        name="sft", objective="sft", head="causal_lm",
-        collate=lambda exs: pad_batch(exs, pad_id),
-        objective_kwargs=sft_objective_kwargs, reduce=sft_reduce)
-    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
-    result["data"] = counts
-    return result
+    return run_offline_job(cfg, prepare_data, make_task)

@@ -30,6 +30,7 @@ from rlhf_ray.controller.groups import launch_learner_group
 from rlhf_ray.controller.placement import (PlacementPlan, RoleRequest, check_plan, create_pools, plan_placement,
                                            remove_pools)
 from rlhf_ray.data.batching import iter_epoch_batches, shard_for_rank
+from rlhf_ray.efficiency import ModelShape, efficiency_metrics, offline_step_counts
 from rlhf_ray.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,26 @@ def precompute_reference(group, task: SupervisedTask, examples: Sequence[Any], w
     return out
 
 
+def run_offline_job(cfg: Config, prepare_data: Callable[[Config, Any], tuple[list, list, dict]],
+                    make_task: Callable[[Config, int], SupervisedTask]) -> dict[str, Any]:
+    """An offline job end to end: check paths, tokenize the data, prepare the run directory, train.
+
+    ``prepare_data(cfg, tokenizer) -> (train, evaluation, counts)`` is the job's data step;
+    ``make_task(cfg, pad_id)`` its ``SupervisedTask``. Returns ``run_supervised``'s result plus ``data``
+    (the row counts), so every job reports its data the same way.
+    """
+    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
+
+    check_paths(cfg)
+    tokenizer = load_tokenizer(cfg)
+    train, evaluation, counts = prepare_data(cfg, tokenizer)
+    output_dir = prepare_output_dir(cfg)
+    task = make_task(cfg, tokenizer.pad_token_id)
+    result = run_supervised(cfg, task, train, evaluation, cfg.model.tokenizer or cfg.model.path, output_dir)
+    result["data"] = counts
+    return result
+
+
 def run_supervised(cfg: Config, task: SupervisedTask, train: Sequence[Any], evaluation: Sequence[Any],
                    tokenizer_path: str, output_dir: Path) -> dict[str, Any]:
     """Train ``task`` on ``train`` with one learner group; returns the final metrics and paths."""
@@ -219,6 +240,11 @@ def _train(cfg: Config, task: SupervisedTask, train: Sequence[Any], evaluation: 
                                          tc.seed, tc.timeout_s, pools[plan.role_pool["reference"]], ranks,
                                          plan.role_share["reference"]).ready()
     group = pending.ready()
+    # The efficiency report (each step beside its FLOP floor on the device measured here), once per run.
+    calibration = group.call_rank0("calibrate")
+    shape = ModelShape.from_hf_config(cfg.model.path, head=task.head)
+    on_gpu = group.facts[0]["device"].startswith("cuda")
+    trainable = group.facts[0]["trainable_params"] if cfg.model.lora.enabled else None
 
     if task.reference_forward and ref_group is None:
         # Before any update (and before loading a checkpoint): the policy's weights are the reference's.
@@ -286,6 +312,9 @@ def _train(cfg: Config, task: SupervisedTask, train: Sequence[Any], evaluation: 
                         "train/epoch": epoch + (pos + 1) / steps_per_epoch, "timing/step_s": seconds,
                         "efficiency/tokens_per_s": tokens / seconds,
                         "efficiency/tokens_per_s_per_worker": tokens / seconds / W})
+        counts = offline_step_counts(batches.tensors[0], cfg, on_gpu, trainable)
+        metrics.update(efficiency_metrics({"timing/train_s": seconds, "timing/step_s": seconds}, counts, shape,
+                                          calibration))
         if evaluation and tc.eval_every and (step + 1) % tc.eval_every == 0:
             metrics.update(evaluate())
         logger.log(step + 1, metrics)
