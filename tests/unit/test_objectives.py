@@ -57,6 +57,33 @@ def test_prompt_tokens_carry_no_loss(model):
     assert m2["response_tokens"] == 8 and float(unmasked.detach()) != pytest.approx(float(loss.detach()), rel=1e-3)
 
 
+def test_changing_what_prompt_positions_predict_leaves_the_masked_loss_unchanged(model):
+    """Replace the logits at every prompt position (what they predict) with noise: the SFT loss stays the same."""
+    ids = [5, 6, 7, 8, 9, 20, 21, 22, 2]
+    batch = pad_batch([{"input_ids": ids, "labels": [-100] * 5 + ids[5:]}], pad_id=0)
+
+    def loss_with(noise):
+        def perturb(_, __, output):
+            output = output.clone()
+            output[0, :4] += noise  # positions 0..3 predict prompt tokens 1..4
+            return output
+
+        handle = model.lm_head.register_forward_hook(perturb)
+        try:
+            with torch.no_grad():
+                return float(get_objective("sft")(model, batch, loss_scale=1.0)[0])
+        finally:
+            handle.remove()
+
+    torch.manual_seed(1)
+    base = loss_with(0.0)
+    assert loss_with(10 * torch.randn(4, model.config.vocab_size)) == base
+    # The same perturbation one position later (the first response prediction) does change it.
+    labels_shifted = pad_batch([{"input_ids": ids, "labels": [-100] * 4 + ids[4:]}], pad_id=0)
+    batch.update(labels_shifted)
+    assert loss_with(10 * torch.randn(4, model.config.vocab_size)) != pytest.approx(loss_with(0.0))
+
+
 def test_policy_objective_on_policy_is_minus_mean_advantage(model):
     """With pi_old = pi (first epoch, no update yet) the PPO ratio is 1, so the token-mean loss is
     -sum(A * mask) / num_tokens, times grad_scale; the KL and entropy terms are off."""
