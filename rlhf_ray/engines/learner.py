@@ -49,6 +49,11 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "gloo":
+        # On CPU, DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce kernel when the group
+        # starts (~2 min on 2 cores on a fresh machine). Only DeepSpeed-Inference's tensor-parallel all-reduce
+        # uses it; training collectives go through gloo either way. DeepSpeed keeps this dict for such edits.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     os.environ.update(
         MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
         WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",

@@ -10,6 +10,7 @@ with ``logits / temperature``, so the two agree when top-k / top-p are off.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -96,6 +97,11 @@ class RolloutEngine:
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = sleep_mode
+        if not self.on_gpu and cfg.tensor_parallel_size == 1:
+            # On CPU vLLM otherwise runs its engine core and its worker as two more processes, each importing
+            # torch and vLLM again (~20 s of a ~40 s engine start on 2 cores); in the actor's own process the
+            # single worker needs neither. (On GPU the separate engine core overlaps scheduling with the GPU.)
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         kv_gb = cfg.kv_cache_memory_gb if cfg.kv_cache_memory_gb is not None else (
             None if self.on_gpu else CPU_DEFAULT_KV_CACHE_GB)
         if kv_gb is not None:
