@@ -85,7 +85,8 @@ def test_final_checkpoint_loads_in_transformers_and_vllm_and_generates(ray_clust
     # The exported weights are the trained ones, not the initial ones.
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     assert not torch.equal(base.model.embed_tokens.weight, model.model.embed_tokens.weight)
-    # vLLM (its CPU build here) in a process of its own, as a serving job would load it.
+    # vLLM (its CPU build here) in a process of its own, as a serving job would load it (engine core in that
+    # process: the checkpoint loads the same way, without two more processes importing vLLM).
     script = (
         "from vllm import LLM, SamplingParams\n"
         "if __name__ == '__main__':\n"
@@ -93,7 +94,7 @@ def test_final_checkpoint_loads_in_transformers_and_vllm_and_generates(ray_clust
         "    out = llm.generate(['What is 2 + 3?'], SamplingParams(max_tokens=6, temperature=0))\n"
         "    print('GENERATED', len(out[0].outputs[0].token_ids))\n")
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": "", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("GENERATED")]
     assert line and int(line[0].split()[1]) >= 1, proc.stdout[-2000:]
