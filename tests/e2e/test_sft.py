@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -49,14 +48,31 @@ def sft_config(model_dir: str, out: Path, **over):
     return load_config(REPO / "examples" / "sft_tiny_cpu.yaml", values=values)
 
 
-def test_sft_with_zero2_and_zero3_lowers_the_response_loss_identically(ray_cluster, tiny_model_dir, tmp_path):
+STEPS, SAVE_AT = 8, 4
+"""The runs below: 8 optimizer steps, a checkpoint at step 4 (the resume test stops a run there)."""
+
+
+@pytest.fixture(scope="module")
+def sft_runs(ray_cluster, tiny_model_dir, tmp_path_factory):
+    """One SFT run per ZeRO stage (2 learner workers, gloo): {stage: (result, output dir)}.
+
+    The tests below share them: the loss and ZeRO-2/3 agreement, the exported ZeRO-3 checkpoint, and the ZeRO-2
+    run as the uninterrupted reference of the resume test."""
+    runs = {}
+    for stage in (2, 3):
+        out = tmp_path_factory.mktemp("sft") / f"z{stage}"
+        cfg = sft_config(tiny_model_dir, out, **{"learner.zero_stage": stage, "train.max_steps": STEPS,
+                                                 "train.save_every": SAVE_AT, "optim.warmup_steps": 1})
+        runs[stage] = (get_job("sft").run(cfg), out)
+    return runs
+
+
+def test_sft_with_zero2_and_zero3_lowers_the_response_loss_identically(sft_runs):
     """2 learner workers over gloo: the response-token loss falls, and ZeRO-2 and ZeRO-3 agree step by step (fp32)."""
     losses = {}
-    for stage in (2, 3):
-        cfg = sft_config(tiny_model_dir, tmp_path / f"z{stage}", **{"learner.zero_stage": stage})
-        result = get_job("sft").run(cfg)
-        rows = read_metrics(tmp_path / f"z{stage}" / "metrics.jsonl")
-        assert [r["step"] for r in rows] == list(range(1, 13))
+    for stage, (result, out) in sft_runs.items():
+        rows = read_metrics(out / "metrics.jsonl")
+        assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
         losses[stage] = [r["train/loss"] for r in rows]
         # A random-init char model starts near ln(vocab) ~ 4.6 and must drop clearly on this set.
         assert sum(losses[stage][-3:]) / 3 < sum(losses[stage][:3]) / 3 - 0.5, losses[stage]
@@ -68,13 +84,11 @@ def test_sft_with_zero2_and_zero3_lowers_the_response_loss_identically(ray_clust
     assert losses[2] == pytest.approx(losses[3], rel=1e-4, abs=1e-5)
 
 
-def test_final_checkpoint_loads_in_transformers_and_vllm_and_generates(ray_cluster, tiny_model_dir, tmp_path):
+def test_final_checkpoint_loads_in_transformers_and_vllm_and_generates(sft_runs, tiny_model_dir):
     """The exported ZeRO-3 checkpoint is a plain HF model directory: both load it as is and generate."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cfg = sft_config(tiny_model_dir, tmp_path / "run", **{"train.max_steps": 3, "learner.zero_stage": 3})
-    result = get_job("sft").run(cfg)
-    final = result["final_model"]
+    final = sft_runs[3][0]["final_model"]
     tok = AutoTokenizer.from_pretrained(final)
     model = AutoModelForCausalLM.from_pretrained(final)
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
@@ -117,17 +131,15 @@ def test_lora_trains_only_adapters_and_merged_export_is_plain(ray_cluster, tiny_
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_losses(ray_cluster, tiny_model_dir, tmp_path):
-    """Kill a run after its step-3 checkpoint, resume it, and get steps 4..6 as an uninterrupted run has them."""
-    common = {"train.max_steps": 6, "train.save_every": 3, "learner.zero_stage": 2, "optim.warmup_steps": 1}
-    ref = sft_config(tiny_model_dir, tmp_path / "whole", **common)
-    get_job("sft").run(ref)
-    whole = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl")}
+def test_resume_after_a_crash_gives_the_uninterrupted_losses(ray_cluster, sft_runs, tmp_path):
+    """Kill a run after its step-4 checkpoint, resume it, and get steps 5..8 as the uninterrupted ZeRO-2 run has them."""
+    whole_dir = sft_runs[2][1]
+    whole = {r["step"]: r["train/loss"] for r in read_metrics(whole_dir / "metrics.jsonl")}
 
-    # The same run as a separate `rlhf-ray train` process on this Ray cluster, killed once step 3 is saved.
+    # The same run as a separate `rlhf-ray train` process on this Ray cluster, killed once step 4 is saved.
     out = tmp_path / "crashed"
     cfg_path = tmp_path / "crashed.yaml"
-    values = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    values = yaml.safe_load((whole_dir / "config.yaml").read_text())
     values["train"]["output_dir"] = str(out)
     cfg_path.write_text(yaml.safe_dump(values))
     address = ray_cluster.get_runtime_context().gcs_address
@@ -136,9 +148,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(ray_cluster, tiny_m
                             start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 300
-    while not (latest.is_file() and latest.read_text().strip() == "step_000003"):
-        assert proc.poll() is None, "the run ended before its step-3 checkpoint"
-        assert time.monotonic() < deadline, "no step-3 checkpoint in time"
+    while not (latest.is_file() and latest.read_text().strip() == f"step_{SAVE_AT:06d}"):
+        assert proc.poll() is None, f"the run ended before its step-{SAVE_AT} checkpoint"
+        assert time.monotonic() < deadline, f"no step-{SAVE_AT} checkpoint in time"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
@@ -146,7 +158,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_losses(ray_cluster, tiny_m
     resumed = load_config(cfg_path, ["train.resume=true"])
     get_job("sft").run(resumed)
     rows = read_metrics(out / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]  # lines past the checkpoint were dropped and redone
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # lines past the checkpoint dropped and redone
     after = {r["step"]: r["train/loss"] for r in rows}
-    for step in (4, 5, 6):
+    for step in range(SAVE_AT + 1, STEPS + 1):
         assert after[step] == pytest.approx(whole[step], rel=1e-5, abs=1e-6), (step, after[step], whole[step])
