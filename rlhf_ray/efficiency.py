@@ -642,7 +642,7 @@ def rl_step_counts(batch: Any, cfg: Any, on_gpu: bool, weight_sync_bytes: float,
     ``trainable_params`` the policy's (LoRA: the adapters'; None: all of them)."""
     total = [int(x) for x in batch.attention_mask.sum(-1).tolist()]
     resp = [int(x) for x in batch.response_lengths.tolist()]
-    a, r, lc = cfg.algo, cfg.rollout, cfg.learner
+    a, r = cfg.algo, cfg.rollout
     hybrid = on_gpu and cfg.placement.mode == "hybrid"
     devices = phase_devices(cfg, on_gpu)
     b = DTYPE_BYTES.get(_dtype_name(cfg.model.dtype, on_gpu), 4)

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 from rlhf_ray.config import Config
 from rlhf_ray.config.schema import LearnerConfig
-from rlhf_ray.controller.placement import PlacementPlan, RoleRequest, check_plan, create_pools, plan_placement
+from rlhf_ray.controller.placement import PlacementPlan, RoleRequest, create_pools, plan_placement
 
 log = logging.getLogger(__name__)
 

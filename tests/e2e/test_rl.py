@@ -8,7 +8,6 @@ roles landed (``placement.json``) and that learner and vLLM log-probs agree afte
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -28,7 +28,7 @@ def test_checkpoint_atomic_and_latest(tmp_path):
 
 def test_checkpoint_latest_ignores_incomplete(tmp_path):
     ck = CheckpointDir(tmp_path)
-    d = ck.staging(5)
+    ck.staging(5)
     ck.finalize(5, {"step": 5})
     (tmp_path / "checkpoints" / "step_000009").mkdir()  # no trainer_state.json: not complete
     (tmp_path / "checkpoints" / "latest").write_text("step_000009")
