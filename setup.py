@@ -33,7 +33,9 @@ setup(
         "gpu": ["vllm>=0.26"],
         # trl: the peer that benchmarks/bench_trl.py runs beside ours (its test is part of the suite).
         "bench": ["trl>=1.16"],
-        "dev": ["pytest>=8", "requests>=2.31", "trl>=1.16"],
+        # QLoRA (model.lora.load_in_4bit): bitsandbytes' 4-bit weights, on CUDA and on CPU.
+        "qlora": ["bitsandbytes>=0.45"],
+        "dev": ["pytest>=8", "requests>=2.31", "trl>=1.16", "bitsandbytes>=0.45"],
     },
     entry_points={"console_scripts": ["rlhf-ray=rlhf_ray.cli:main"]},
 )

@@ -28,7 +28,9 @@ class LoraConfig:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     load_in_4bit: bool = False
-    """QLoRA: quantise the frozen base to 4 bit with bitsandbytes (GPU only)."""
+    """QLoRA: the frozen base in 4 bit (bitsandbytes NF4), LoRA adapters trained on top; needs ``enabled``,
+    bitsandbytes installed and ZeRO stage 0-2. Exports and weight syncs are dense (base dequantized, adapters
+    merged)."""
 
     def __post_init__(self) -> None:
         _check(self.rank > 0, "rank", f"must be > 0, got {self.rank}")
@@ -497,6 +499,7 @@ class Config:
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
 
     def __post_init__(self) -> None:
+        _check_qlora(self)
         if self.job in RL_JOBS:
             _check_rl(self)
         elif self.learner.global_batch_size is None:
@@ -505,6 +508,22 @@ class Config:
 
 RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n")
 """Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n also train a policy)."""
+
+
+def _check_qlora(cfg: "Config") -> None:
+    """QLoRA (``model.lora.load_in_4bit``) needs LoRA on, bitsandbytes, and parameters ZeRO does not partition."""
+    if not cfg.model.lora.load_in_4bit:
+        return
+    import importlib.util
+
+    if not cfg.model.lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit: QLoRA trains LoRA adapters on the 4-bit base; set "
+                          "model.lora.enabled=true (or load_in_4bit=false)")
+    if cfg.learner.zero_stage == 3:
+        raise ConfigError("learner.zero_stage: ZeRO-3 partitions parameters, which bitsandbytes' packed 4-bit "
+                          "weights do not support; use zero_stage 0-2 with model.lora.load_in_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.load_in_4bit: needs bitsandbytes (pip install bitsandbytes)")
 
 
 def _check_rl(cfg: "Config") -> None:

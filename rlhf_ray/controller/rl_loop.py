@@ -311,7 +311,9 @@ class RLLoop:
     def run(self) -> dict[str, Any]:
         cfg, tc = self.cfg, self.cfg.train
         start = self.resume()
-        if start:  # the engines started from model.path; give them the checkpoint's weights
+        if start or cfg.model.lora.load_in_4bit:
+            # The engines loaded model.path. A resumed policy is another model, and so is a QLoRA one (its base
+            # is the 4-bit rounding of those weights): give the engines its weights before the first rollout.
             self.sync_weights()
         elif self.hybrid:  # engines asleep since start-up (rl_roles): learners make room, engines wake
             for role in self.learner_roles():

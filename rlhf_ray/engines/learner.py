@@ -7,6 +7,7 @@ model and one micro-batch returning a scaled loss and metrics) and gets metrics 
 
 from __future__ import annotations
 
+import copy
 import datetime
 import json
 import logging
@@ -338,10 +339,15 @@ class LearnerEngine:
         if hasattr(base, "get_base_model"):  # peft: the base architecture, LoRA merged into the weights
             base = base.get_base_model()
         save_hf_weights(state, directory)
+        config = copy.deepcopy(base.config)
         # The class that was trained (e.g. LlamaForSequenceClassification for a reward model loaded from a
         # causal-LM checkpoint): vLLM and other readers of `architectures` pick the model type from it.
-        base.config.architectures = [type(base).__name__]
-        base.config.save_pretrained(str(directory))
+        config.architectures = [type(base).__name__]
+        if getattr(config, "quantization_config", None) is not None:
+            # QLoRA: the weights written are dense (the 4-bit base dequantized, adapters merged); a
+            # quantization_config left in config.json would make transformers and vLLM expect 4-bit weights.
+            del config.quantization_config
+        config.save_pretrained(str(directory))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(directory))
         gen = getattr(base, "generation_config", None)

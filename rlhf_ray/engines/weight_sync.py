@@ -5,7 +5,9 @@ into vLLM: it walks the model once, groups parameters into buckets of about ``bu
 gathers each bucket (ZeRO-3: one collective per bucket, every rank must iterate), and yields
 ``(hf_name, tensor)`` with LoRA deltas merged (``W + B @ A * scaling``, through peft's own
 ``get_delta_weight``) and peft's wrapper names removed, so the names are those of the plain
-transformers checkpoint that vLLM's ``load_weights`` and ``from_pretrained`` expect.
+transformers checkpoint that vLLM's ``load_weights`` and ``from_pretrained`` expect. QLoRA's 4-bit
+base weights (bitsandbytes ``Params4bit``) are dequantized to their original dtype first: what leaves
+the learner is always a dense checkpoint of the model the learner computes with.
 """
 
 from __future__ import annotations
@@ -37,6 +39,29 @@ def _numel(p: torch.nn.Parameter) -> int:
     return int(getattr(p, "ds_numel", p.numel()))
 
 
+def _quant_state(p: torch.nn.Parameter):
+    """bitsandbytes' QuantState of a 4-bit weight (QLoRA base), or None for a plain parameter."""
+    return getattr(p, "quant_state", None)
+
+
+def _dense(p: torch.nn.Parameter) -> torch.Tensor:
+    """The full-precision value of ``p``: its data, or a 4-bit weight dequantized (shape and dtype of the original)."""
+    state = _quant_state(p)
+    if state is None:
+        return p.data
+    import bitsandbytes.functional as bnb_functional
+
+    return bnb_functional.dequantize_4bit(p.data, state)
+
+
+def _shape_and_dtype(p: torch.nn.Parameter) -> tuple[tuple[int, ...], torch.dtype]:
+    """Shape and dtype of the tensor ``_dense(p)`` gives, without gathering (ZeRO-3) or dequantizing."""
+    state = _quant_state(p)
+    if state is not None:
+        return tuple(int(s) for s in state.shape), state.dtype
+    return tuple(int(s) for s in getattr(p, "ds_shape", p.shape)), p.dtype
+
+
 def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
     """The transformers model inside a peft wrapper (or the module itself)."""
     if hasattr(module, "get_base_model"):
@@ -44,14 +69,26 @@ def _hf_model(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def sync_entries(module: torch.nn.Module) -> list[_Entry]:
-    """The tensors to export, in module order, with peft wrappers resolved to plain HF names."""
+def _peft_wrapper_types(module: torch.nn.Module) -> tuple:
+    """peft's (LoraLayer, ModulesToSaveWrapper) classes when ``module`` carries peft adapters, else ``((), ())``.
+
+    Without adapters peft is not imported at all: importing it also imports bitsandbytes where that is
+    installed (seconds of CPU in every learner process).
+    """
+    if not hasattr(module, "peft_config"):
+        return (), ()
     from peft.tuners.lora import LoraLayer
 
     try:
         from peft.utils.other import ModulesToSaveWrapper
     except ImportError:  # pragma: no cover - older peft
         ModulesToSaveWrapper = ()  # type: ignore[assignment]
+    return LoraLayer, ModulesToSaveWrapper
+
+
+def sync_entries(module: torch.nn.Module) -> list[_Entry]:
+    """The tensors to export, in module order, with peft wrappers resolved to plain HF names."""
+    LoraLayer, ModulesToSaveWrapper = _peft_wrapper_types(module)
 
     model = _hf_model(module)
     entries: list[_Entry] = []
@@ -128,7 +165,7 @@ def iter_named_params_for_sync(module: torch.nn.Module, zero3: bool,
         params = [p for e in group for p in e.params]
         with _gathered(params, zero3):
             for e in group:
-                tensor = e.param.data
+                tensor = _dense(e.param)
                 if e.lora_layer is not None:
                     tensor = tensor.clone()
                     for adapter in e.adapters:
@@ -140,8 +177,8 @@ def param_metadata(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...], 
     """``(hf_name, shape, dtype name)`` of every exported tensor, in sync order (no gathering needed)."""
     out = []
     for e in sync_entries(module):
-        shape = tuple(getattr(e.param, "ds_shape", e.param.shape))
-        out.append((e.name, tuple(int(s) for s in shape), str(e.param.dtype).replace("torch.", "")))
+        shape, dtype = _shape_and_dtype(e.param)
+        out.append((e.name, shape, str(dtype).replace("torch.", "")))
     return out
 
 

@@ -32,15 +32,16 @@ def _max_diff(learner_lp: torch.Tensor, vllm_lp: list, seqs: list[list[int]]) ->
     return max(float((learner_lp[i, : len(s) - 1] - torch.as_tensor(vllm_lp[i])).abs().max()) for i, s in enumerate(seqs))
 
 
-@pytest.mark.parametrize("variant", ["zero3", "lora"])
+@pytest.mark.parametrize("variant", ["zero3", "qlora"])
 def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, tmp_path, variant):
-    from transformers import AutoTokenizer
+    """zero3: ZeRO-3 shards gathered in buckets, into vLLM's compiled model (its default: synced weights must
+    reach the compiled graph). qlora: LoRA adapters on a bitsandbytes 4-bit base, sent as dense weights (base
+    dequantized, adapters merged) into an eager engine; its HF export is that same dense model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # zero3 runs vLLM's compiled model (its default: synced weights must reach the compiled graph); lora runs
-    # eager, which skips the compile (tens of seconds on 2 cores) and covers the other execution path.
     over = ({"learner.zero_stage": 3} if variant == "zero3" else
-            {"learner.zero_stage": 2, "model.lora.enabled": True, "model.lora.rank": 4, "optim.lr": 5e-2,
-             "rollout.enforce_eager": True})
+            {"learner.zero_stage": 2, "model.lora.enabled": True, "model.lora.load_in_4bit": True,
+             "model.lora.rank": 4, "optim.lr": 5e-2, "rollout.enforce_eager": True})
     cfg = _config(tiny_model_dir, tmp_path, **over)
     (tmp_path).mkdir(exist_ok=True)
     roles = start_rl_roles(cfg, make_plan(cfg), optimizer_steps=4, output_dir=tmp_path)
@@ -58,7 +59,11 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
         def vllm_lp():
             return roles.rollout.sequence_logprobs(seqs)
 
-        # Same starting weights on both sides.
+        if variant == "qlora":
+            # The engine loaded the full-precision checkpoint; the learner computes with its 4-bit rounding.
+            assert _max_diff(learner_lp(), vllm_lp(), seqs) > 1e-3
+            roles.rollout.sync_from(roles.actor)
+        # Same weights on both sides.
         assert _max_diff(learner_lp(), vllm_lp(), seqs) < 1e-3
 
         # One large SFT step on the learners changes their log-probs a lot ...
@@ -74,6 +79,16 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
         assert result["bytes"] > 0
         after_sync = _max_diff(updated, vllm_lp(), seqs)
         assert after_sync < 1e-3, (before_sync, after_sync)
+
+        # The HF export is the same model: a plain checkpoint transformers loads, scoring like the learner.
+        roles.actor.export_hf(str(tmp_path / "export"), tiny_model_dir)
+        exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+        assert all(t.is_floating_point() for t in exported.state_dict().values())
+        with torch.no_grad():
+            hf_lp = torch.log_softmax(exported(batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1], -1)
+            hf_lp = hf_lp.gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+        for i, s in enumerate(seqs):
+            assert float((hf_lp[i, : len(s) - 1] - updated[i, : len(s) - 1]).abs().max()) < 1e-3, i
     finally:
         roles.kill()
         remove_pools(roles.pools)

@@ -81,3 +81,19 @@ def test_cli_config_error_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "config error: unknown config key 'learner.num_wrkers'. Did you mean 'num_workers'?" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_qlora_needs_lora_bitsandbytes_and_unpartitioned_weights(tmp_path, monkeypatch):
+    qlora = {"model": {"path": "m", "lora": {"enabled": True, "load_in_4bit": True}}}
+    assert load_config(write(tmp_path, qlora), ["learner.zero_stage=2"]).model.lora.load_in_4bit
+    with pytest.raises(ConfigError, match=r"model.lora.load_in_4bit: QLoRA trains LoRA adapters .* "
+                                          r"set model.lora.enabled=true"):
+        load_config(write(tmp_path, qlora), ["model.lora.enabled=false"])
+    with pytest.raises(ConfigError, match=r"learner.zero_stage: ZeRO-3 partitions parameters"):
+        load_config(write(tmp_path, qlora), ["learner.zero_stage=3"])
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"model.lora.load_in_4bit: needs bitsandbytes \(pip install bitsandbytes\)"):
+        load_config(write(tmp_path, qlora))
