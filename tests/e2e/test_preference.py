@@ -56,7 +56,7 @@ def evals(out: Path) -> list[dict]:
 def test_reward_model_learns_and_exports_a_sequence_classifier(trained_rm):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    cfg, result, out = trained_rm  # the rm job, 200 steps (tests/e2e/conftest.py)
+    cfg, result, out = trained_rm  # the rm job, 120 steps (tests/e2e/conftest.py)
     rows = evals(out)
     assert rows[0]["step"] == 0 and result["initial_eval"] == {k: v for k, v in rows[0].items() if k.startswith("eval/")}
     assert result["metrics"]["eval/accuracy"] > 0.9, [r["eval/accuracy"] for r in rows]
