@@ -4,10 +4,12 @@ The rollout engine reaches them with ``llm.collective_rpc("rlhf_...")``; they ru
 weights live, so received tensors go straight into the model. Kept free of Ray and of our config so
 that vLLM's workers import nothing else of ours.
 
-Loading: vLLM >= 0.2x workers offer ``model_runner.reload_weights(weights_iterator=...)``, which
-re-runs the per-layer post-load processing (on CPU, vLLM repacks linear weights for oneDNN and
-drops the originals, so a bare ``model.load_weights`` would write into emptied parameters). Where
-that is missing, ``model.load_weights`` is used, which is what GPU builds have always supported.
+Loading: on CPU, vLLM repacks linear weights for oneDNN after loading and drops the originals, so a
+bare ``model.load_weights`` would write into emptied parameters; there the worker's
+``model_runner.reload_weights(weights_iterator=...)`` re-runs that per-layer processing. On GPU an
+unquantized model keeps its checkpoint layout, so ``model.load_weights`` copies straight into the
+live parameters (the path RLHF frameworks have used on every vLLM GPU release; it keeps CUDA-graph
+pointers valid and skips the layer-by-layer re-materialisation that 0.26's ``reload_weights`` does).
 """
 
 from __future__ import annotations
@@ -67,7 +69,7 @@ class WeightSyncExtension:
     def rlhf_weight_checksum(self) -> float:
         """Sum of all parameters' absolute values (a cheap fingerprint for tests and debugging)."""
         total = 0.0
-        for p in self.model_runner.model.parameters():
+        for p in self._rlhf_model().parameters():
             if p.numel():
                 total += float(p.detach().float().abs().sum())
         return total
@@ -76,10 +78,16 @@ class WeightSyncExtension:
     def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         runner = self.model_runner
         reload = getattr(runner, "reload_weights", None)
-        if reload is not None and "weights_iterator" in inspect.signature(reload).parameters:
+        if (not torch.cuda.is_available() and reload is not None
+                and "weights_iterator" in inspect.signature(reload).parameters):
             reload(weights_iterator=weights)
         else:
-            runner.model.load_weights(weights=weights)
+            self._rlhf_model().load_weights(weights=weights)
+
+    def _rlhf_model(self) -> torch.nn.Module:
+        # GPU runners may wrap the model for CUDA graphs; get_model() unwraps it.
+        runner = self.model_runner
+        return runner.get_model() if hasattr(runner, "get_model") else runner.model
 
     def _rlhf_tp_rank(self) -> int:
         from vllm.distributed import get_tensor_model_parallel_rank
