@@ -50,6 +50,7 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
     import deepspeed
 
     backend = "nccl" if torch.cuda.is_available() else "gloo"
+    _import_deepspeed_muon_uncompiled()
     if backend == "gloo":
         # On CPU, DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce kernel when the group
         # starts (~2 min on 2 cores on a fresh machine). Only DeepSpeed-Inference's tensor-parallel all-reduce
@@ -64,6 +65,34 @@ def init_distributed(rank: int, world_size: int, master_addr: str, master_port: 
         timeout=datetime.timedelta(seconds=timeout_s), verbose=False,
     )
     return backend
+
+
+def _import_deepspeed_muon_uncompiled() -> None:
+    """Import DeepSpeed's Muon optimizer module with its kernels left uncompiled (once per process).
+
+    DeepSpeed 0.19 imports ``deepspeed.runtime.zero.muon`` whenever it builds a ZeRO engine (to check the
+    optimizer's type) and in every ZeRO-1/2 gradient reduction; the module wraps three kernels in
+    ``torch.compile`` at import, which loads TorchInductor: ~4 s of CPU in every learner process. Our
+    learners never train with Muon (``optim`` builds AdamW), so the module is imported here with that
+    decorator as the identity, and DeepSpeed's own imports find it loaded.
+    """
+    import sys
+
+    name = "deepspeed.runtime.zero.muon.original_muon"
+    if name in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    compile_ = getattr(compiler, "compile", None)
+    if compile_ is None:
+        return
+    compiler.compile = lambda *a, **k: (lambda fn: fn)
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401 - imports original_muon
+    except ImportError:  # a DeepSpeed without Muon: nothing to skip
+        pass
+    finally:
+        compiler.compile = compile_
 
 
 def deepspeed_config(learner: LearnerConfig, optim: OptimConfig, dtype: torch.dtype) -> dict[str, Any]:
