@@ -589,5 +589,13 @@ def _check_placement(cfg: "Config") -> None:
         if r.num_engines != lc.num_workers:
             raise ConfigError(f"rollout.num_engines: hybrid placement needs one engine per learner GPU "
                               f"({lc.num_workers}), got {r.num_engines}")
+        # While vLLM generates, the learners move their training state to host memory with DeepSpeed's
+        # offload_states, which only ZeRO's optimizers offer, and not for parameters ZeRO-3 already offloads.
+        if lc.zero_stage == 0:
+            raise ConfigError("learner.zero_stage: hybrid placement offloads the learners' optimizer state while "
+                              "vLLM generates, which DeepSpeed does for ZeRO stages 1-3 only; use zero_stage 1-3")
+        if lc.zero_stage == 3 and lc.offload:
+            raise ConfigError("learner.offload: with ZeRO-3 it keeps parameters in host memory, which DeepSpeed "
+                              "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
     if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
         raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")

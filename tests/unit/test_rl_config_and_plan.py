@@ -73,6 +73,10 @@ def test_shared_with_mismatched_sizes_is_refused():
     ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "rollout.tensor_parallel_size": 2},
      "rollout.tensor_parallel_size: hybrid placement"),
     ({"job": "grpo", "rollout.weight_sync_backend": "ipc"}, "rollout.weight_sync_backend: ipc shares GPU memory"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "learner.zero_stage": 0},
+     "learner.zero_stage: hybrid placement offloads the learners' optimizer state"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "learner.zero_stage": 3,
+      "learner.offload": True}, "learner.offload: with ZeRO-3 it keeps parameters in host memory"),
 ])
 def test_rl_config_errors_name_the_key(over, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
