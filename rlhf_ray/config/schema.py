@@ -266,10 +266,13 @@ class AlgoConfig:
     value_clip: float = 0.2
     norm_adv_by_std: bool = True
     """GRPO: divide by the group std (off = Dr. GRPO-like centering only)."""
-    old_logprobs: Literal["learner", "rollout"] = "learner"
-    """pi_old of the PPO ratio: the policy learners' forward pass before the update (learner), or the log-probs
-    vLLM returned while sampling (rollout: one forward pass less per step; the ratio is then taken against
-    the rollout engine's numbers directly)."""
+    old_logprobs: Literal["auto", "learner", "update", "rollout"] = "auto"
+    """pi_old of the PPO ratio. learner: a forward pass of the policy learners before the update. update: the
+    update's own forward pass, detached (one forward pass less per step, as TRL does when on-policy; exact only
+    when a step makes one optimizer step, mini_batches 1 and ppo_epochs 1, and without a reference model, whose
+    KL is taken at pi_old before the update). rollout: the log-probs vLLM returned while sampling (also one
+    pass less; the ratio is then taken against the engine's numbers). auto: update where it is exact, else
+    learner (resolved at load)."""
     importance_cap: Optional[float] = 2.0
     """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
     prompts_per_step: int = 8
@@ -566,6 +569,17 @@ def _check_rl(cfg: "Config") -> None:
         raise ConfigError(f"algo.mini_batches: {a.mini_batches} does not divide the {B} sequences of a step "
                           f"(prompts_per_step {a.prompts_per_step} x n_samples {r.n_samples})")
     M = B // a.mini_batches
+    # The update's forward pass is pi_old only while no optimizer step has moved the policy yet and nothing
+    # needs pi_old before the update (the reference KL, in the reward or as a metric for the controller).
+    on_policy = a.mini_batches == 1 and a.ppo_epochs == 1
+    uses_reference = a.kl_coef > 0 or a.adaptive_kl_target is not None
+    if a.old_logprobs == "auto":
+        a.old_logprobs = "update" if on_policy and not uses_reference else "learner"
+    elif a.old_logprobs == "update" and not (on_policy and not uses_reference):
+        raise ConfigError("algo.old_logprobs: update takes pi_old from the update's own forward pass, which is exact "
+                          "only with mini_batches 1, ppo_epochs 1 and no reference model (kl_coef 0, no "
+                          f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
+                          f"kl_coef {a.kl_coef}; use learner")
     if lc.global_batch_size is not None and lc.global_batch_size != M:
         raise ConfigError(f"learner.global_batch_size: RL jobs take one optimizer step per mini-batch of "
                           f"prompts_per_step x n_samples / mini_batches = {M} sequences; leave it unset "

@@ -1,8 +1,9 @@
 """The RL step loop (PPO, GRPO and the REINFORCE family), read top to bottom in ``RLLoop.step``:
 
     1. generate    the vLLM engines sample ``rollout.n_samples`` responses per prompt (token ids + log-probs)
-    2. score       reward functions here, while the reward model, reference, policy (old log-probs)
-                   and critic run their forward passes on their own groups
+    2. score       reward functions here, while the reward model, reference, policy (old log-probs,
+                   unless ``algo.old_logprobs: update`` takes them from step 4's own forward pass) and
+                   critic run their forward passes on their own groups
     3. advantages  KL penalty (in the reward, or later in the loss), then the configured estimator
     4. update      policy (and critic) optimizer steps over mini-batches and epochs
     5. sync        the policy's new weights into every vLLM engine
@@ -118,7 +119,8 @@ class RLLoop:
         results = {name: f.result() for name, f in forwards.items()}
         for name, (_, seconds) in results.items():
             metrics[f"timing/{name}_s"] = seconds
-        batch.old_logprobs = results["old_logprobs"][0] if "old_logprobs" in results else batch.rollout_logprobs
+        if a.old_logprobs != "update":  # update: pi_old comes from the update's own forward pass
+            batch.old_logprobs = results["old_logprobs"][0] if "old_logprobs" in results else batch.rollout_logprobs
         batch.ref_logprobs = results["reference"][0] if "reference" in results else None
         batch.values = results["critic"][0] if "critic" in results else None
 
@@ -180,8 +182,11 @@ class RLLoop:
         return [self.prompts[i] for i in self._epoch_cache[1][pos]]
 
     def policy_fields(self) -> tuple[str, ...]:
+        a = self.cfg.algo
         fields = POLICY_FIELDS
-        if self.cfg.algo.importance_cap is not None and self.cfg.algo.old_logprobs == "learner":
+        if a.old_logprobs == "update":
+            fields = tuple(f for f in fields if f != "old_logprobs") + ("rollout_logprobs",)
+        elif a.importance_cap is not None and a.old_logprobs == "learner":
             fields += ("rollout_logprobs",)
         if self.cfg.algo.kl_in == "loss" and self.roles.reference is not None:
             fields += ("ref_logprobs",)
@@ -194,7 +199,8 @@ class RLLoop:
                     dual_clip=a.dual_clip, loss_agg=a.loss_agg, temperature=self.spec.temperature,
                     entropy_coef=a.entropy_coef, kl_coef=self.kl.value if kl_in_loss else 0.0,
                     kl_estimator=a.kl_estimator,
-                    importance_cap=a.importance_cap if a.old_logprobs == "learner" else None)
+                    importance_cap=a.importance_cap if a.old_logprobs in ("learner", "update") else None,
+                    old_from_update=a.old_logprobs == "update")
 
     def sync_weights(self) -> dict[str, float]:
         """Policy -> engines. In hybrid mode the engines wake their weights first and their KV cache after."""
@@ -249,14 +255,15 @@ class RLLoop:
     def step_metrics(self, batch, gens, kl, actor_steps, critic_steps, sync) -> dict[str, float]:
         mask = batch.action_mask
         m = self.rollout_metrics(batch, gens, sync)
-        m.update({
-            "rollout/advantage_mean": float(masked_mean(batch.advantages, mask)),
-            "rollout/logprob_diff_learner_vllm": float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(),
-                                                                   mask)),
-        })
+        tokens = sum(s["action_tokens"] for s in actor_steps)
+        if batch.old_logprobs is not None:
+            gap = float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask))
+        else:  # old_logprobs: update (one optimizer step per batch: every micro-batch saw the pre-update policy)
+            gap = sum(s["old_rollout_absdiff_sum"] for s in actor_steps) / tokens
+        m.update({"rollout/advantage_mean": float(masked_mean(batch.advantages, mask)),
+                  "rollout/logprob_diff_learner_vllm": gap})
         if kl is not None:
             m["kl/policy_reference"] = float(masked_mean(kl, mask))
-        tokens = sum(s["action_tokens"] for s in actor_steps)
         m.update({
             "actor/pg_loss": sum(s["pg_loss_sum"] for s in actor_steps) / tokens,
             "actor/clip_fraction": sum(s["clipped_sum"] for s in actor_steps) / tokens,

@@ -25,25 +25,32 @@ from rlhf_ray.engines.objectives import causal_lm_logits, register, register_for
 def policy_objective(model: torch.nn.Module, mb: dict[str, torch.Tensor], *, policy_loss: str, clip_low: float,
                      clip_high: float, dual_clip: float | None, loss_agg: str, num_tokens: int, num_seqs: int,
                      horizon: int, grad_scale: float, temperature: float, entropy_coef: float, kl_coef: float,
-                     kl_estimator: str, importance_cap: float | None):
+                     kl_estimator: str, importance_cap: float | None, old_from_update: bool = False):
     """Policy-gradient loss of one micro-batch.
 
     per-token loss = w_t * L_pg(logp_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t
     where w_t = min(exp(old_t - rollout_t), importance_cap) corrects for the rollout engine's sampling
     distribution differing from the learner's (None: w = 1), and the KL term is present only when the
     KL penalty is applied in the loss (kl_coef > 0 here).
+
+    ``old_from_update`` (``algo.old_logprobs: update``): old_t = logp_t detached, this forward pass being the
+    first of the step's only optimizer step (ratio 1, gradient A_t * grad logp_t); the micro-batch then
+    carries no ``old_logprobs``, and ``old_rollout_absdiff_sum`` = sum |old_t - rollout_t| reports the
+    learner-vs-vLLM gap that a separate pi_old pass would have.
     """
     logits = causal_lm_logits(model, mb)[:, :-1].float()
     if temperature != 1.0:
         logits = logits / temperature
     logp = gather_token_logprobs(logits, mb["input_ids"][:, 1:])
     mask = mb["action_mask"].float()
-    pg_mat, clipped = get_policy_loss(policy_loss)(logp, mb["old_logprobs"], mb["advantages"], clip_low, clip_high,
-                                                   dual_clip)
+    old = logp.detach() if old_from_update else mb["old_logprobs"]
+    pg_mat, clipped = get_policy_loss(policy_loss)(logp, old, mb["advantages"], clip_low, clip_high, dual_clip)
     if importance_cap is not None:
-        pg_mat = pg_mat * truncated_importance_weights(mb["old_logprobs"], mb["rollout_logprobs"], importance_cap)
+        pg_mat = pg_mat * truncated_importance_weights(old, mb["rollout_logprobs"], importance_cap)
     total = pg_mat
     metrics: dict[str, float] = {}
+    if old_from_update:
+        metrics["old_rollout_absdiff_sum"] = float(((old - mb["rollout_logprobs"]).abs() * mask).sum())
     if kl_coef > 0:
         kl = kl_penalty(logp, mb["ref_logprobs"], kl_estimator)
         total = total + kl_coef * kl
@@ -56,7 +63,7 @@ def policy_objective(model: torch.nn.Module, mb: dict[str, torch.Tensor], *, pol
             entropy = entropy_from_logits(logits.detach())
     loss = agg_loss(total, mask, loss_agg, num_tokens, num_seqs, horizon) * grad_scale
     with torch.no_grad():
-        log_ratio = logp.detach() - mb["old_logprobs"]
+        log_ratio = logp.detach() - old
         metrics.update({
             "pg_loss_sum": float((pg_mat.detach() * mask).sum()),
             "clipped_sum": float((clipped * mask).sum()),

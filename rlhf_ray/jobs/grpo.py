@@ -7,7 +7,9 @@ leave-one-out mean, reinforce_pp(_baseline) = batch-whitened returns (Hu 2025)).
 the reference model is off by default (``algo.kl_coef: 0``), following DAPO / Dr. GRPO; set it to add
 a reference group (k3 in the loss, as in the GRPO paper). Departures from the paper: the ratio is
 corrected for the rollout engine's own log-probs (``algo.importance_cap``, truncated importance
-sampling), and group advantages use the unbiased std.
+sampling), and group advantages use the unbiased std. With the defaults (one optimizer step per batch, no
+reference) pi_old is the update's own forward pass, detached (``algo.old_logprobs: auto``), so a step runs
+no separate old-log-prob pass.
 
 Launch:
     rlhf-ray train examples/grpo_tiny_cpu.yaml                          # CPU, tiny, minutes

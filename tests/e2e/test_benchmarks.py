@@ -19,8 +19,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RL_PHASES = ("generate", "reward", "old_logprobs", "train", "weight_sync", "idle")
-FLOORED = ("generate", "old_logprobs", "train", "weight_sync")
+RL_PHASES = ("generate", "reward", "train", "weight_sync", "idle")
+"""GRPO's phases here: one optimizer step per batch and no reference, so pi_old comes from the update's own
+forward pass (``algo.old_logprobs: auto`` -> update) and no ``old_logprobs`` phase runs."""
+FLOORED = ("generate", "train", "weight_sync")
 """Phases with a physical floor in this workload (reward functions and idle have none)."""
 
 
@@ -70,7 +72,7 @@ def test_grpo_tiny_prints_the_table_and_writes_the_json(grpo_tiny):
     assert len(cal["runs"]) == 2  # calibrated before and after the run
 
     phases = result["phases"]
-    assert set(RL_PHASES) <= set(phases)
+    assert set(RL_PHASES) <= set(phases) and "old_logprobs" not in phases, sorted(phases)
     for name in RL_PHASES:
         assert phases[name]["seconds"] is not None and phases[name]["seconds"] >= 0, name
         assert phases[name]["floor_s"] is not None and phases[name]["floor_s"] >= 0, name

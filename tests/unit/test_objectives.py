@@ -105,6 +105,38 @@ def test_policy_objective_on_policy_is_minus_mean_advantage(model):
     assert metrics["approx_kl_sum"] == pytest.approx(0.0, abs=1e-10)
 
 
+def test_policy_objective_old_from_update_equals_a_separate_old_pass(model):
+    """algo.old_logprobs: update. pi_old taken from the update's own forward pass gives the loss, the gradient
+    and the metrics that a separate pi_old pass over the same weights gives (importance weights included),
+    and reports sum |pi_old - rollout| over action tokens."""
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        old = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    rollout = old + 0.25 * action  # vLLM's numbers off by 0.25 on action tokens: w = exp(-0.25) there
+    adv = torch.tensor([[0, 0, 1.0, -0.5, 2.0, 0], [0, 0, 0, -2.0, 0.5, -1.0]])
+    kwargs = dict(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token_mean",
+                  num_tokens=6, num_seqs=2, horizon=3, grad_scale=1.0, temperature=1.0, entropy_coef=0.0,
+                  kl_coef=0.0, kl_estimator="k3", importance_cap=2.0)
+    base = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "advantages": adv,
+            "rollout_logprobs": rollout}
+    results = []
+    for mb, extra in (({**base, "old_logprobs": old}, {}), (base, {"old_from_update": True})):
+        model.zero_grad()
+        loss, metrics = get_objective("policy")(model, mb, **kwargs, **extra)
+        loss.backward()
+        results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    (loss_a, m_a, g_a), (loss_b, m_b, g_b) = results
+    # ratio 1 and w = exp(-0.25) on every action token: loss = -exp(-0.25) * sum(A * mask) / 6
+    want = -float(torch.exp(torch.tensor(-0.25))) * (1.0 - 0.5 + 2.0 - 2.0 + 0.5 - 1.0) / 6
+    assert float(loss_a) == pytest.approx(want, abs=1e-5) and float(loss_b) == pytest.approx(want, abs=1e-5)
+    assert len(g_a) == len(g_b) > 0 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_a, g_b))
+    assert {k: v for k, v in m_b.items() if k != "old_rollout_absdiff_sum"} == pytest.approx(m_a, abs=1e-5)
+    assert m_b["old_rollout_absdiff_sum"] == pytest.approx(6 * 0.25, abs=1e-5)  # 6 action tokens x 0.25
+    model.zero_grad()
+
+
 def test_token_logprobs_forward_applies_temperature(model):
     ids = torch.tensor([[5, 6, 7, 8]])
     mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

@@ -88,3 +88,22 @@ def test_rl_job_resolves_defaults_at_load():
     assert c.algo.advantage == "gae" and c.learner.global_batch_size == 16
     c = cfg(job="grpo", **{"algo.mini_batches": 2})
     assert c.algo.advantage == "grpo" and c.learner.global_batch_size == 8
+
+
+@pytest.mark.parametrize("over, want", [
+    ({"job": "grpo"}, "update"),                                # one optimizer step, no reference: exact
+    ({"job": "grpo", "algo.mini_batches": 2}, "learner"),       # the second mini-batch sees an updated policy
+    ({"job": "grpo", "algo.ppo_epochs": 2}, "learner"),
+    ({"job": "grpo", "algo.kl_coef": 0.01}, "learner"),         # the reference KL is taken at pi_old first
+    ({"job": "ppo", "algo.adaptive_kl_target": 6.0}, "learner"),
+    ({"job": "grpo", "algo.old_logprobs": "rollout"}, "rollout"),
+    ({"job": "grpo", "algo.old_logprobs": "learner"}, "learner"),
+])
+def test_old_logprobs_auto_takes_the_update_pass_only_where_it_is_exact(over, want):
+    assert cfg(**over).algo.old_logprobs == want
+
+
+def test_old_logprobs_update_off_policy_names_the_key():
+    with pytest.raises(ConfigError, match="algo.old_logprobs: update takes pi_old from the update's own forward "
+                                          "pass, which is exact only with mini_batches 1"):
+        cfg(job="grpo", **{"algo.old_logprobs": "update", "algo.mini_batches": 2})
