@@ -35,18 +35,19 @@ def _assert_synced_every_step(rows: list[dict]) -> None:
 
 def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path):
     """`rlhf-ray train examples/grpo_tiny_cpu.yaml` as its own process on this Ray cluster, placement separate:
-    a random-init model learns to repeat the number in the prompt from the built-in math reward alone."""
+    a random-init model learns to repeat the number in the prompt from the built-in math reward alone.
+    80 of the example's 100 steps: the mean reward is ~0.04 over steps 1-10 and ~0.59 over steps 71-80 here."""
     out = tmp_path / "grpo"
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_ray", "train", "examples/grpo_tiny_cpu.yaml", f"model.path={tiny_model_dir}",
          f"train.output_dir={out}", f"ray.address={address}", "learner.gpus_per_worker=1",
-         "placement.mode=separate", "logging.progress_bar=false"],
+         "placement.mode=separate", "algo.total_steps=80", "logging.progress_bar=false"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(out / "metrics.jsonl")
     rewards = [r["rollout/reward_mean"] for r in rows]
-    assert len(rewards) == 100
+    assert len(rewards) == 80
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     # Chance is ~0.03 (one digit of ~100 tokens, then a stop); the learned policy repeats the digit.
     assert first < 0.15 and last > first + 0.25, [round(x, 2) for x in rewards]
