@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -213,7 +214,8 @@ def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
 
 
 def job_id(stdout: str) -> str:
-    return next(w for w in stdout.split() if w.startswith("raysubmit_"))
+    """The first submission id in a command's output (the helper prints it bare, `ray job submit` quoted)."""
+    return re.search(r"raysubmit_\w+", stdout).group(0)
 
 
 SFT_TINY = ["train.max_steps=3", "train.save_every=3", "train.eval_every=3", "logging.progress_bar=false",
@@ -222,26 +224,33 @@ SFT_TINY = ["train.max_steps=3", "train.save_every=3", "train.eval_every=3", "lo
 
 @pytest.fixture(scope="module")
 def jobs(cluster, tiny_model_dir, tmp_path_factory):
-    """A tiny SFT job (learners spread over both nodes) and a tiny GRPO job (learners on the `learner` node,
-    the vLLM engine on the `rollout` node), submitted together through the helper; both followed to the end."""
+    """Two tiny jobs at once, each followed to the end: GRPO through the helper (learners on the `learner` node,
+    the vLLM engine on the `rollout` node) and SFT through the README's plain `ray job submit` (learners spread
+    over both nodes)."""
     out = tmp_path_factory.mktemp("cluster_jobs")
-    sft = submit(cluster, "examples/sft_tiny_cpu.yaml", f"model.path={tiny_model_dir}", f"train.output_dir={out / 'sft'}",
-                 *SFT_TINY, "learner.gpus_per_worker=1", "placement.strategy=STRICT_SPREAD")
     grpo = start_helper(cluster, readme_argv(
         README_SUBMIT, f"model.path={tiny_model_dir}", f"train.output_dir={out / 'grpo'}", "algo.total_steps=3",
         "learner.gpus_per_worker=1", "logging.progress_bar=false", **{"http://HEAD:8265": cluster.dashboard}))
-    return {"sft": (*finish(sft), out / "sft"), "grpo": (*finish(grpo), out / "grpo")}
+    sft = subprocess.Popen(readme_argv(
+        README_PLAIN, f"model.path={tiny_model_dir}", f"train.output_dir={out / 'sft'}", *SFT_TINY,
+        "learner.gpus_per_worker=1", "placement.strategy=STRICT_SPREAD", **{"http://HEAD:8265": cluster.dashboard}),
+        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return {"grpo": (*finish(grpo), out / "grpo"), "sft": (*finish(sft), out / "sft")}
 
 
-def test_sft_and_grpo_jobs_succeed_through_the_submit_helper(jobs):
-    """(1) Both jobs end SUCCEEDED, the helper exits 0, and each wrote its outputs; the logs streamed back."""
+def test_grpo_through_the_submit_helper_and_sft_through_plain_ray_job_submit(jobs):
+    """(1) Both jobs succeed and wrote their outputs, their logs streamed back: the helper exits 0 and says
+    SUCCEEDED; the README's plain command, `ray job submit --working-dir . -- python -m rlhf_ray train CONFIG
+    k=v ...`, exits 0 and says it succeeded."""
     for name, (code, out, err, run_dir) in jobs.items():
         assert code == 0, f"{name}: {err[-3000:]}\n{out[-3000:]}"
-        assert f"job {job_id(out)} ended SUCCEEDED" in out
         assert "placement plan:" in out, "the plan is printed (in the streamed job log) before the roles start"
         assert len(read_metrics(run_dir / "metrics.jsonl")) == 3
         assert (run_dir / "final" / "config.json").is_file() and (run_dir / "config.yaml").is_file()
+    assert f"job {job_id(jobs['grpo'][1])} ended SUCCEEDED" in jobs["grpo"][1]
     assert "on nodes {rlhf-ray/pool=rollout} <- rollout" in jobs["grpo"][1]
+    sft_out = jobs["sft"][1] + jobs["sft"][2]
+    assert f"Job '{job_id(sft_out)}' succeeded" in sft_out, sft_out[-3000:]
 
 
 def test_roles_land_on_the_nodes_the_config_names(cluster, jobs):
@@ -277,17 +286,6 @@ def test_failing_job_exits_nonzero_and_its_error_is_in_ray_job_logs(cluster, tin
                        timeout=120)
     assert logs.returncode == 0 and error in logs.stdout, logs.stdout[-3000:] + logs.stderr[-3000:]
     assert not (tmp_path / "bad" / "metrics.jsonl").exists()
-
-
-def test_plain_ray_job_submit(cluster, tiny_model_dir, tmp_path):
-    """The README's plain command: `ray job submit --working-dir . -- python -m rlhf_ray train CONFIG k=v ...`."""
-    proc = cluster.run(readme_argv(
-        README_PLAIN, f"model.path={tiny_model_dir}", f"train.output_dir={tmp_path / 'sft'}", "train.max_steps=2",
-        "train.save_every=2", "train.eval_every=2", "logging.progress_bar=false", "logging.tensorboard=false",
-        **{"http://HEAD:8265": cluster.dashboard}))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in (proc.stdout + proc.stderr).lower()
-    assert len(read_metrics(tmp_path / "sft" / "metrics.jsonl")) == 2
 
 
 def test_single_node_script_starts_and_stops_its_own_head(tiny_model_dir, tmp_path):
