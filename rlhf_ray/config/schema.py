@@ -283,6 +283,11 @@ class AlgoConfig:
     total_steps: int = 20
     """Rollout steps (each = generate, score, update, sync)."""
 
+    @property
+    def uses_reference(self) -> bool:
+        """Whether PPO / GRPO need a reference model: a KL penalty, fixed or adaptive."""
+        return self.kl_coef > 0 or self.adaptive_kl_target is not None
+
     def __post_init__(self) -> None:
         _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
         _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
@@ -571,11 +576,10 @@ def _check_rl(cfg: "Config") -> None:
     M = B // a.mini_batches
     # The update's forward pass is pi_old only while no optimizer step has moved the policy yet and nothing
     # needs pi_old before the update (the reference KL, in the reward or as a metric for the controller).
-    on_policy = a.mini_batches == 1 and a.ppo_epochs == 1
-    uses_reference = a.kl_coef > 0 or a.adaptive_kl_target is not None
+    update_is_exact = a.mini_batches == 1 and a.ppo_epochs == 1 and not a.uses_reference
     if a.old_logprobs == "auto":
-        a.old_logprobs = "update" if on_policy and not uses_reference else "learner"
-    elif a.old_logprobs == "update" and not (on_policy and not uses_reference):
+        a.old_logprobs = "update" if update_is_exact else "learner"
+    elif a.old_logprobs == "update" and not update_is_exact:
         raise ConfigError("algo.old_logprobs: update takes pi_old from the update's own forward pass, which is exact "
                           "only with mini_batches 1, ppo_epochs 1 and no reference model (kl_coef 0, no "
                           f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "

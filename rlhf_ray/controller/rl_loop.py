@@ -256,10 +256,10 @@ class RLLoop:
         mask = batch.action_mask
         m = self.rollout_metrics(batch, gens, sync)
         tokens = sum(s["action_tokens"] for s in actor_steps)
-        if batch.old_logprobs is not None:
-            gap = float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask))
-        else:  # old_logprobs: update (one optimizer step per batch: every micro-batch saw the pre-update policy)
+        if self.cfg.algo.old_logprobs == "update":  # one optimizer step: every micro-batch saw the pre-update policy
             gap = sum(s["old_rollout_absdiff_sum"] for s in actor_steps) / tokens
+        else:
+            gap = float(masked_mean((batch.old_logprobs - batch.rollout_logprobs).abs(), mask))
         m.update({"rollout/advantage_mean": float(masked_mean(batch.advantages, mask)),
                   "rollout/logprob_diff_learner_vllm": gap})
         if kl is not None:

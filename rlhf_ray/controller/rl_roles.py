@@ -41,7 +41,7 @@ def needs_actor(cfg: Config) -> bool:
 def needs_reference(cfg: Config) -> bool:
     if cfg.job == "online_dpo":
         return cfg.dpo.loss != "simpo"  # SimPO is reference-free
-    return cfg.job in ("ppo", "grpo") and (cfg.algo.kl_coef > 0 or cfg.algo.adaptive_kl_target is not None)
+    return cfg.job in ("ppo", "grpo") and cfg.algo.uses_reference
 
 
 def needs_critic(cfg: Config) -> bool:

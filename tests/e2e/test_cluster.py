@@ -132,6 +132,11 @@ class LocalCluster:
         """A command from the repo root with the cluster's environment (its auth token)."""
         return subprocess.run(args, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def start(self, args: list[str]) -> subprocess.Popen:
+        """``run``, started and not waited for (``finish`` collects it)."""
+        return subprocess.Popen(args, cwd=REPO, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+
     def state(self) -> dict:
         """Alive nodes with their labels, submission id -> Ray job id, and every actor's node and pid."""
         probe = (
@@ -231,10 +236,9 @@ def jobs(cluster, tiny_model_dir, tmp_path_factory):
     grpo = start_helper(cluster, readme_argv(
         README_SUBMIT, f"model.path={tiny_model_dir}", f"train.output_dir={out / 'grpo'}", "algo.total_steps=3",
         "learner.gpus_per_worker=1", "logging.progress_bar=false", **{"http://HEAD:8265": cluster.dashboard}))
-    sft = subprocess.Popen(readme_argv(
+    sft = cluster.start(readme_argv(
         README_PLAIN, f"model.path={tiny_model_dir}", f"train.output_dir={out / 'sft'}", *SFT_TINY,
-        "learner.gpus_per_worker=1", "placement.strategy=STRICT_SPREAD", **{"http://HEAD:8265": cluster.dashboard}),
-        cwd=REPO, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        "learner.gpus_per_worker=1", "placement.strategy=STRICT_SPREAD", **{"http://HEAD:8265": cluster.dashboard}))
     return {"grpo": (*finish(grpo), out / "grpo"), "sft": (*finish(sft), out / "sft")}
 
 
