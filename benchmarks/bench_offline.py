@@ -66,9 +66,10 @@ def write_rows(job: str, w: Workload, path: Path) -> Path:
 def sequence_lengths(job: str, cfg) -> list[int]:
     """Token lengths of every training sequence, from the job's own ``prepare_data``."""
     from rlhf_ray.jobs import get_job
+    from rlhf_ray.config import resolve
     from rlhf_ray.jobs.common import load_tokenizer
 
-    train, _, _ = get_job(job).prepare_data(cfg, load_tokenizer(cfg))
+    train, _, _ = get_job(job).prepare_data(cfg, load_tokenizer(resolve(cfg)))
     if job == "sft":
         return [len(ex["input_ids"]) for ex in train]
     return [len(ex[side]["input_ids"]) for ex in train for side in ("chosen", "rejected")]

@@ -74,7 +74,7 @@ def rl_config_values(job: str, w: Workload, model_dir: Path, data_path: Path, ou
 
 
 def bench_loop_class(sink: list, policy, critic, reward_model):
-    """``RLLoop`` that appends each step's ``StepCounts`` (from its ``RolloutBatch`` and config) to ``sink``.
+    """``RLLoop`` that appends each step's ``StepCounts`` (from its ``RolloutBatch`` and resolved config) to ``sink``.
 
     The floors are computed after the run, with the calibration taken before and after it (the faster reading
     of each rate: on a shared machine a slower one is interference). This is also the wiring proposed for
@@ -91,7 +91,7 @@ def bench_loop_class(sink: list, policy, critic, reward_model):
 
         def step(self, step: int) -> dict[str, float]:
             metrics = super().step(step)
-            sink.append(rl_step_counts(self.bench_batch, self.cfg, self.roles.on_gpu, metrics["weight_sync/bytes"],
+            sink.append(rl_step_counts(self.bench_batch, self.resolved, metrics["weight_sync/bytes"],
                                        policy, critic, reward_model))
             return metrics
 
@@ -108,10 +108,11 @@ def prepare(job: str, w: Workload, work: Path, cache: Path) -> tuple[Path, Path,
 
 
 def check_prompt_lengths(cfg, w: Workload) -> None:
+    from rlhf_ray.config import resolve
     from rlhf_ray.jobs.common import load_tokenizer
     from rlhf_ray.jobs.rl import prepare_data
 
-    prompts, _, _ = prepare_data(cfg, load_tokenizer(cfg))
+    prompts, _, _ = prepare_data(cfg, load_tokenizer(resolve(cfg)))
     lengths = {len(p.prompt_ids) for p in prompts}
     if lengths != {w.prompt_len}:
         raise RuntimeError(f"benchmark prompts must be {w.prompt_len} tokens each; the pipeline gave {sorted(lengths)}")

@@ -53,14 +53,10 @@ def cmd_train(config: str, overrides: list[str]) -> int:
 
 def cmd_validate(config: str, overrides: list[str]) -> int:
     from rlhf_ray.config import load_config
-    from rlhf_ray.jobs import get_job
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer
+    from rlhf_ray.jobs.front import prepare
 
     cfg = load_config(config, overrides)
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    job = get_job(cfg.job)
-    _, _, counts = job.prepare_data(cfg, tokenizer)
+    _, _, (_, _, counts) = prepare(cfg)
     print(f"config OK: job={cfg.job} model={cfg.model.path} data={cfg.data.path} {counts}")
     return 0
 

@@ -8,13 +8,10 @@ without further shifting. ``action_mask`` is 1 on generated (response) tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-
-TOKEN_FIELDS = ("action_mask", "rollout_logprobs", "old_logprobs", "ref_logprobs", "values", "token_rewards",
-                "advantages", "returns")
 
 
 @dataclass
@@ -94,6 +91,3 @@ class RolloutBatch:
                 value = value[:, : length if name in ("input_ids", "attention_mask") else length - 1]
             out[name] = value.contiguous()
         return out
-
-    def tensor_fields(self) -> list[str]:
-        return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]

@@ -18,11 +18,12 @@ import torch
 from torch import Tensor
 
 from rlhf_ray.algos.aggregation import last_index, masked_whiten
+from rlhf_ray.algos.names import GROUP_BASED, NEEDS_CRITIC
 
 AdvantageFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], "AdvantageParams"], tuple[Tensor, Tensor]]
 ADVANTAGES: dict[str, AdvantageFn] = {}
-NEEDS_CRITIC = {"gae"}
-GROUP_BASED = {"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"}
+"""Estimators by ``algo.advantage`` name (``rlhf_ray.algos.names.ADVANTAGE_ESTIMATORS``)."""
+__all__ = ["ADVANTAGES", "GROUP_BASED", "NEEDS_CRITIC", "AdvantageParams", "get_advantage"]
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
+from rlhf_ray.algos.names import LOSS_AGG_MODES
+
+__all__ = ["LOSS_AGG_MODES", "agg_loss", "last_index", "masked_mean", "masked_sum", "masked_whiten"]
 
 
 def masked_sum(x: Tensor, mask: Tensor, dim: Optional[int] = None) -> Tensor:

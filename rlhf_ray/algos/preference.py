@@ -1,7 +1,7 @@
 """Preference losses: Bradley-Terry reward models, the DPO family (DPO, conservative DPO, IPO, SimPO), KTO.
 
 Pure torch, no side effects. Every loss returns one value per example, shape (B,); the objective
-(``rlhf_ray.engines.preference_objectives``) scales and sums them so that the global batch gets the
+(``rlhf_ray.objectives.preference``) scales and sums them so that the global batch gets the
 mean. Inputs are per-sequence log-probabilities of the *completion* tokens (prompt tokens excluded):
 summed over tokens for DPO / IPO / KTO (as in the papers), averaged over tokens for SimPO.
 
@@ -21,6 +21,8 @@ from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
+
+from rlhf_ray.algos.names import REFERENCE_FREE_PREFERENCE_LOSSES
 
 Tensor = torch.Tensor
 
@@ -109,9 +111,9 @@ class PairwiseLoss:
 
 
 PREFERENCE_LOSSES: dict[str, PairwiseLoss] = {
-    "sigmoid": PairwiseLoss(dpo_sigmoid_loss, uses_reference=True, length_normalized=False),
-    "ipo": PairwiseLoss(ipo_loss, uses_reference=True, length_normalized=False),
-    "simpo": PairwiseLoss(simpo_loss, uses_reference=False, length_normalized=True),
+    name: PairwiseLoss(fn, uses_reference=name not in REFERENCE_FREE_PREFERENCE_LOSSES, length_normalized=normalized)
+    for name, fn, normalized in (("sigmoid", dpo_sigmoid_loss, False), ("ipo", ipo_loss, False),
+                                 ("simpo", simpo_loss, True))
 }
 """Pairwise preference losses by ``dpo.loss`` name."""
 

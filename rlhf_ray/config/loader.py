@@ -2,7 +2,8 @@
 
 Every value is checked against the dataclass field's type here, at load time, so a typo or a wrong
 type fails before any Ray actor or GPU is reserved. Range checks live in each dataclass's
-``__post_init__`` (see ``schema.py``) and run as the tree is built.
+``__post_init__`` (see ``schema.py``) and run as the tree is built; the root's resolves the whole tree
+(``resolve.py``), which checks the sections against each other.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from typing import Any, Union
 
 import yaml
 
+from rlhf_ray.config.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A config value is missing, unknown, of the wrong type or out of range; the message names the key."""
+RESOLVED_KEY = "resolved"
+"""Top-level section of a run's ``config.yaml`` holding what the run derived (``Resolved.to_dict``): an output,
+so loading that file skips it and derives it again."""
 
 
 def _closest(name: str, options: list[str]) -> str:
@@ -180,6 +183,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p}: top level must be a mapping of sections")
         tree = loaded
+        tree.pop(RESOLVED_KEY, None)  # a run's config.yaml: what it derived, derived again from the rest
     if values:
         for key, value in values.items():
             merge_override(tree, key.split("."), value)
@@ -188,9 +192,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return build(Config, tree)
 
 
-def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the fully resolved config as YAML (atomically)."""
+def save_config(cfg: Any, path: str | os.PathLike, resolved: Any = None) -> None:
+    """Write the config as the user gave it, and under ``resolved`` what the run derived from it (atomically).
+
+    The file loads again with ``load_config`` (the ``resolved`` section is skipped and re-derived).
+    """
+    data = to_dict(cfg)
+    if resolved is not None:
+        data[RESOLVED_KEY] = resolved.to_dict()
     p = Path(path)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, p)

@@ -1,21 +1,30 @@
-"""The one typed config tree. Every default is defined here, once.
+"""The one typed config tree. Every default is defined here (and in ``job_sections``), once.
 
 YAML files, ``key=value`` CLI overrides and ``ray job submit -- rlhf-ray train ...`` all fill these
-dataclasses through ``rlhf_ray.config.load_config``. Each ``__post_init__`` checks ranges and
-raises ``ConfigError`` with the key and what to change.
+dataclasses through ``rlhf_ray.config.load_config``. Each ``__post_init__`` checks its own section's
+ranges and raises ``ConfigError`` with the key and what to change; checks across sections, and every
+value a run derives from the config, live in ``rlhf_ray.config.resolve`` (nothing here is written after
+it is built).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
-from rlhf_ray.config.loader import ConfigError
+from rlhf_ray.config.errors import check as _check
+from rlhf_ray.config.job_sections import (AlgoConfig, BestOfNConfig, CriticConfig, DPOConfig, KTOConfig,
+                                          RewardConfig, RewardModelTrainConfig, RolloutConfig)
 
+__all__ = ["AlgoConfig", "BestOfNConfig", "Config", "CriticConfig", "DPOConfig", "DataConfig", "JOBS", "KTOConfig",
+           "LearnerConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PLACEMENT_ROLES",
+           "PLACEMENT_STRATEGIES", "PlacementConfig", "RL_JOBS", "RayConfig", "RewardConfig",
+           "RewardModelTrainConfig", "RolloutConfig", "TrainConfig"]
 
-def _check(cond: bool, key: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{key}: {msg}")
+JOBS = ("sft", "rm", "dpo", "kto", "best_of_n", "online_dpo", "ppo", "grpo")
+"""Values of the root ``job`` key (``rlhf_ray.jobs.JOBS`` maps each to its module)."""
+RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n")
+"""Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n also train a policy)."""
 
 
 @dataclass
@@ -192,220 +201,8 @@ class TrainConfig:
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
 
 
-@dataclass
-class RolloutConfig:
-    """vLLM engines (Ray actors) that generate rollouts from the current policy."""
-
-    num_engines: int = 1
-    tensor_parallel_size: int = 1
-    """GPUs per engine (engines run on GPUs exactly when learner.gpus_per_worker > 0)."""
-    cpus_per_engine: float = 1.0
-    n_samples: int = 4
-    """Responses per prompt (the GRPO / RLOO group size)."""
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_new_tokens: int = 128
-    stop: list[str] = field(default_factory=list)
-    gpu_memory_utilization: float = 0.5
-    """Fraction of GPU memory vLLM may take (weights + KV cache) on GPU builds."""
-    kv_cache_memory_gb: Optional[float] = None
-    """Explicit KV-cache size in GiB; unset: from gpu_memory_utilization on GPU, 0.5 GiB on CPU builds."""
-    ignore_eos: bool = False
-    """Always generate max_new_tokens (benchmarks with fixed response length)."""
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra ``vllm.LLM`` arguments passed as is (e.g. compilation_config), for tuning beyond the keys above."""
-    max_num_seqs: int = 256
-    max_model_len: Optional[int] = None
-    """Defaults to data.max_prompt_length + max_new_tokens."""
-    enforce_eager: bool = False
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    sleep_between_steps: bool = False
-    """Hybrid placement: vLLM releases its memory while the learners train."""
-    weight_sync_backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
-    """auto: CUDA IPC when engines share GPUs with the policy (hybrid), NCCL on other GPUs, gloo on CPU."""
-    weight_sync_bucket_mb: int = 256
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        _check(self.num_engines >= 1, "num_engines", "must be >= 1")
-        _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
-        _check(self.n_samples >= 1, "n_samples", "must be >= 1")
-        _check(self.temperature >= 0, "temperature", "must be >= 0")
-        _check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
-        _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
-        _check(self.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
-
-
-@dataclass
-class AlgoConfig:
-    """The RL algorithm (PPO / GRPO / REINFORCE family): advantages, losses, KL, update schedule."""
-
-    advantage: Optional[Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]] = None
-    """Advantage estimator (``rlhf_ray.algos.advantages.ADVANTAGES``). Unset: ``gae`` for job ppo (with a critic),
-    ``grpo`` for job grpo; job grpo also runs the critic-free rloo, dr_grpo and reinforce_pp(_baseline)."""
-    policy_loss: Literal["ppo_clip", "vanilla_pg"] = "ppo_clip"
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    """Upper clip (set above clip_ratio_low for DAPO-style asymmetric clipping)."""
-    dual_clip: Optional[float] = None
-    """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None disables it."""
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm"] = "token_mean"
-    kl_coef: float = 0.0
-    """KL penalty against the reference model; 0 skips the reference forward entirely."""
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    kl_in: Literal["reward", "loss"] = "loss"
-    adaptive_kl_target: Optional[float] = None
-    """Target KL for the adaptive controller (Ziegler et al.); None keeps kl_coef fixed."""
-    adaptive_kl_horizon: int = 10000
-    entropy_coef: float = 0.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    value_clip: float = 0.2
-    norm_adv_by_std: bool = True
-    """GRPO: divide by the group std (off = Dr. GRPO-like centering only)."""
-    old_logprobs: Literal["auto", "learner", "update", "rollout"] = "auto"
-    """pi_old of the PPO ratio. learner: a forward pass of the policy learners before the update. update: the
-    update's own forward pass, detached (one forward pass less per step, as TRL does when on-policy; exact only
-    when a step makes one optimizer step, mini_batches 1 and ppo_epochs 1, and without a reference model, whose
-    KL is taken at pi_old before the update). rollout: the log-probs vLLM returned while sampling (also one
-    pass less; the ratio is then taken against the engine's numbers). auto: update where it is exact, else
-    learner (resolved at load)."""
-    importance_cap: Optional[float] = 2.0
-    """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
-    prompts_per_step: int = 8
-    """Prompts per rollout step (x rollout.n_samples responses)."""
-    mini_batches: int = 1
-    """Optimizer steps per rollout batch, per epoch."""
-    ppo_epochs: int = 1
-    total_steps: int = 20
-    """Rollout steps (each = generate, score, update, sync)."""
-
-    @property
-    def uses_reference(self) -> bool:
-        """Whether PPO / GRPO need a reference model: a KL penalty, fixed or adaptive."""
-        return self.kl_coef > 0 or self.adaptive_kl_target is not None
-
-    def __post_init__(self) -> None:
-        _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
-        _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
-        _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
-        _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        _check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
-        _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1], lam in [0, 1]")
-        _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
-        _check(self.mini_batches >= 1 and self.ppo_epochs >= 1, "mini_batches", "mini_batches and ppo_epochs must be >= 1")
-        _check(self.total_steps >= 1, "total_steps", "must be >= 1")
-
-
-@dataclass
-class RewardConfig:
-    """Where rewards come from: functions (file, built-in, HTTP) and/or a trained reward model."""
-
-    functions: list[str] = field(default_factory=list)
-    """Each one of: `builtin:math`, `builtin:format_think`, `path/file.py[:fn]`, `http(s)://host/score`."""
-    weights: list[float] = field(default_factory=list)
-    """One weight per function (default 1 each); the reward model, if any, has weight 1."""
-    model: Optional[str] = None
-    """Path of a reward model (sequence classifier, e.g. from `job: rm`) scored by a reward group."""
-    num_workers: int = 1
-    gpus_per_worker: float = 1.0
-    timeout_s: float = 120.0
-    """Per call; a reward function or endpoint that takes longer stops the run with its name."""
-
-    def __post_init__(self) -> None:
-        _check(not self.weights or len(self.weights) == len(self.functions), "weights",
-               f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
-        _check(self.timeout_s > 0, "timeout_s", "must be > 0")
-
-
-@dataclass
-class CriticConfig:
-    """PPO value model: its own learner group (defaults: the policy's model and learner settings)."""
-
-    model: Optional[str] = None
-    """Defaults to model.path (a token-value head is added)."""
-    lr: float = 5e-6
-    num_workers: Optional[int] = None
-    warmup_steps: int = 0
-
-
-@dataclass
-class RewardModelTrainConfig:
-    """Job ``rm``: a scalar head on a causal-LM backbone trained with the Bradley-Terry loss."""
-
-    margin: float = 0.0
-    """Constant margin m in -log sigmoid(r_chosen - r_rejected - m)."""
-    margin_field: Optional[str] = None
-    """Row field holding a per-pair margin (overrides ``margin`` for rows that have it); a value that is not
-    a number >= 0 is a bad row (data.on_bad_row)."""
-
-    def __post_init__(self) -> None:
-        _check(self.margin >= 0, "margin", f"must be >= 0, got {self.margin}")
-        _check(self.margin_field is None or bool(self.margin_field), "margin_field", "must be a field name or null")
-
-
-@dataclass
-class DPOConfig:
-    """Jobs ``dpo`` and ``online_dpo``: the DPO family of pairwise losses."""
-
-    loss: Literal["sigmoid", "ipo", "simpo"] = "sigmoid"
-    """sigmoid = DPO (conservative DPO with label_smoothing > 0); ipo = IPO; simpo = reference-free, length-normalised."""
-    beta: float = 0.1
-    label_smoothing: float = 0.0
-    """Conservative DPO: assumed probability that a preference label is flipped, in [0, 0.5)."""
-    nll_coef: float = 0.0
-    """Weight of an extra NLL term on the chosen response (RPO-style)."""
-    simpo_gamma: float = 0.5
-    """SimPO target reward margin."""
-    reference: Literal["precompute", "group"] = "precompute"
-    """precompute: reference log-probs in one pass of the untrained policy before training (no second model
-    in memory); group: a frozen reference learner group scores every step. Unused by simpo."""
-
-    def __post_init__(self) -> None:
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(0 <= self.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)")
-        _check(self.loss != "ipo" or self.label_smoothing == 0, "label_smoothing",
-               "applies to the sigmoid and simpo losses only; set it to 0 with loss: ipo")
-        _check(self.nll_coef >= 0, "nll_coef", "must be >= 0")
-        _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
-
-
-@dataclass
-class KTOConfig:
-    """Job ``kto``: unpaired desirable / undesirable completions."""
-
-    beta: float = 0.1
-    desirable_weight: float = 1.0
-    """lambda_D; the paper advises desirable_weight x n_desirable / (undesirable_weight x n_undesirable) in [1, 4/3]."""
-    undesirable_weight: float = 1.0
-    """lambda_U."""
-    completion_field: str = "completion"
-    """Row field with the completion (a string or assistant message(s))."""
-    label_field: str = "label"
-    """Row field with the label: true (desirable) / false, or 1 / 0."""
-    reference: Literal["precompute", "group"] = "precompute"
-    """As dpo.reference: precompute the reference log-probs once before training, or a frozen reference group."""
-
-    def __post_init__(self) -> None:
-        _check(self.beta > 0, "beta", f"must be > 0, got {self.beta}")
-        _check(self.desirable_weight > 0, "desirable_weight", f"must be > 0, got {self.desirable_weight}")
-        _check(self.undesirable_weight > 0, "undesirable_weight", f"must be > 0, got {self.undesirable_weight}")
-        _check(bool(self.completion_field), "completion_field", "must be a field name")
-        _check(bool(self.label_field), "label_field", "must be a field name")
-
-
-@dataclass
-class BestOfNConfig:
-    """Job ``best_of_n``: sample ``rollout.n_samples`` per prompt, score, keep the best as an SFT data set."""
-
-    output_path: str = "best_of_n.jsonl"
-    """Relative paths are inside train.output_dir."""
-    select: Literal["best", "threshold"] = "best"
-    threshold: float = 0.0
-    """select=threshold: keep every response scoring at least this."""
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+"""Ray placement-group strategies (``controller.placement.Strategy`` is this ``Literal``)."""
 
 
 @dataclass
@@ -420,7 +217,7 @@ class PlacementConfig:
     mode: Literal["separate", "shared", "hybrid"] = "separate"
     """separate: every role on its own GPUs; shared: actor+reference and critic+reward share;
     hybrid: learners and vLLM on the same GPUs (vLLM sleeps while learners train)."""
-    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    strategy: Literal[PLACEMENT_STRATEGIES] = "PACK"
     """How each role's placement group spreads its bundles (one bundle per worker / engine): PACK fills a
     node first; SPREAD prefers different nodes; STRICT_PACK requires one node; STRICT_SPREAD requires a
     different node per bundle."""
@@ -463,7 +260,6 @@ class PlacementConfig:
 
 PLACEMENT_ROLES = ("actor", "reference", "critic", "reward", "rollout", "learner")
 """Role names ``placement.role_strategy`` and ``placement.node_selector`` accept."""
-PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -489,7 +285,7 @@ class Config:
     """The root: which job to run and its sections."""
 
     model: ModelConfig
-    job: Literal["sft", "rm", "dpo", "kto", "best_of_n", "online_dpo", "ppo", "grpo"] = "sft"
+    job: Literal[JOBS] = "sft"
     data: DataConfig = field(default_factory=DataConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -507,113 +303,8 @@ class Config:
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
 
     def __post_init__(self) -> None:
-        _check_qlora(self)
-        if self.job in RL_JOBS:
-            _check_rl(self)
-        elif self.learner.global_batch_size is None:
-            self.learner.global_batch_size = self.learner.micro_batch_size * self.learner.num_workers
+        # The checks across sections are the resolution of the whole tree (``rlhf_ray.config.resolve``): a
+        # config is valid when it resolves. The result is not kept: the tree stays as the user gave it.
+        from rlhf_ray.config.resolve import resolve
 
-
-RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n")
-"""Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n also train a policy)."""
-
-
-def _check_qlora(cfg: "Config") -> None:
-    """QLoRA (``model.lora.load_in_4bit``) needs LoRA on, bitsandbytes, and parameters ZeRO does not partition."""
-    if not cfg.model.lora.load_in_4bit:
-        return
-    import importlib.util
-
-    if not cfg.model.lora.enabled:
-        raise ConfigError("model.lora.load_in_4bit: QLoRA trains LoRA adapters on the 4-bit base; set "
-                          "model.lora.enabled=true (or load_in_4bit=false)")
-    if cfg.learner.zero_stage == 3:
-        raise ConfigError("learner.zero_stage: ZeRO-3 partitions parameters, which bitsandbytes' packed 4-bit "
-                          "weights do not support; use zero_stage 0-2 with model.lora.load_in_4bit")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ConfigError("model.lora.load_in_4bit: needs bitsandbytes (pip install bitsandbytes)")
-
-
-def _check_rl(cfg: "Config") -> None:
-    """Cross-section checks of rollout-based configs, at load time (before any GPU is reserved)."""
-    a, r, lc = cfg.algo, cfg.rollout, cfg.learner
-    if not cfg.reward.functions and not cfg.reward.model:
-        raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
-                          "and/or reward.model")
-    if (a.prompts_per_step * r.n_samples) % cfg.reward.num_workers:
-        raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the "
-                          f"{a.prompts_per_step * r.n_samples} sequences of a step (prompts_per_step x n_samples)")
-    if cfg.job in ("online_dpo", "best_of_n") and r.n_samples < 2:
-        raise ConfigError(f"rollout.n_samples: job {cfg.job} compares samples of a prompt; needs >= 2, "
-                          f"got {r.n_samples}")
-    if cfg.job == "best_of_n":
-        return
-    if cfg.job == "online_dpo":
-        per_pass = lc.micro_batch_size * lc.num_workers
-        if lc.micro_batch_size * lc.num_workers < a.prompts_per_step:
-            raise ConfigError(f"learner.micro_batch_size: online DPO puts a round's pairs (up to algo.prompts_per_step="
-                              f"{a.prompts_per_step}) in one micro-batch per worker; needs micro_batch_size x "
-                              f"num_workers >= {a.prompts_per_step}, got {per_pass}")
-        if lc.global_batch_size is not None and lc.global_batch_size != per_pass:
-            raise ConfigError("learner.global_batch_size: online DPO takes one optimizer step per round; leave it unset")
-        lc.global_batch_size = per_pass
-        _check_placement(cfg)
-        return
-    if a.advantage is None:
-        a.advantage = "gae" if cfg.job == "ppo" else "grpo"
-    if cfg.job == "ppo" and a.advantage != "gae":
-        raise ConfigError(f"algo.advantage: job ppo trains a critic for GAE; '{a.advantage}' is critic-free, "
-                          "use job: grpo for it")
-    if cfg.job == "grpo" and a.advantage == "gae":
-        raise ConfigError("algo.advantage: gae needs a critic; use job: ppo (job grpo runs critic-free estimators)")
-    if a.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline") and r.n_samples < 2:
-        raise ConfigError(f"rollout.n_samples: algo.advantage={a.advantage} compares samples of the same prompt; "
-                          f"needs n_samples >= 2, got {r.n_samples}")
-    B = a.prompts_per_step * r.n_samples
-    if B % a.mini_batches:
-        raise ConfigError(f"algo.mini_batches: {a.mini_batches} does not divide the {B} sequences of a step "
-                          f"(prompts_per_step {a.prompts_per_step} x n_samples {r.n_samples})")
-    M = B // a.mini_batches
-    # The update's forward pass is pi_old only while no optimizer step has moved the policy yet and nothing
-    # needs pi_old before the update (the reference KL, in the reward or as a metric for the controller).
-    update_is_exact = a.mini_batches == 1 and a.ppo_epochs == 1 and not a.uses_reference
-    if a.old_logprobs == "auto":
-        a.old_logprobs = "update" if update_is_exact else "learner"
-    elif a.old_logprobs == "update" and not update_is_exact:
-        raise ConfigError("algo.old_logprobs: update takes pi_old from the update's own forward pass, which is exact "
-                          "only with mini_batches 1, ppo_epochs 1 and no reference model (kl_coef 0, no "
-                          f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
-                          f"kl_coef {a.kl_coef}; use learner")
-    if lc.global_batch_size is not None and lc.global_batch_size != M:
-        raise ConfigError(f"learner.global_batch_size: RL jobs take one optimizer step per mini-batch of "
-                          f"prompts_per_step x n_samples / mini_batches = {M} sequences; leave it unset "
-                          f"(got {lc.global_batch_size})")
-    lc.global_batch_size = M
-    critic_workers = cfg.critic.num_workers or lc.num_workers
-    for key, workers in (("learner.num_workers", lc.num_workers), ("critic.num_workers", critic_workers)):
-        if M % (lc.micro_batch_size * workers):
-            raise ConfigError(f"{key}: a mini-batch of {M} sequences (prompts_per_step x n_samples / mini_batches) "
-                              f"must split into {workers} workers x micro-batches of learner.micro_batch_size="
-                              f"{lc.micro_batch_size}")
-    _check_placement(cfg)
-
-
-def _check_placement(cfg: "Config") -> None:
-    r, lc = cfg.rollout, cfg.learner
-    if cfg.placement.mode == "hybrid":
-        if r.tensor_parallel_size != 1:
-            raise ConfigError("rollout.tensor_parallel_size: hybrid placement puts one engine on each learner GPU; "
-                              "it needs tensor_parallel_size 1 (use placement.mode separate or shared for TP)")
-        if r.num_engines != lc.num_workers:
-            raise ConfigError(f"rollout.num_engines: hybrid placement needs one engine per learner GPU "
-                              f"({lc.num_workers}), got {r.num_engines}")
-        # While vLLM generates, the learners move their training state to host memory with DeepSpeed's
-        # offload_states, which only ZeRO's optimizers offer, and not for parameters ZeRO-3 already offloads.
-        if lc.zero_stage == 0:
-            raise ConfigError("learner.zero_stage: hybrid placement offloads the learners' optimizer state while "
-                              "vLLM generates, which DeepSpeed does for ZeRO stages 1-3 only; use zero_stage 1-3")
-        if lc.zero_stage == 3 and lc.offload:
-            raise ConfigError("learner.offload: with ZeRO-3 it keeps parameters in host memory, which DeepSpeed "
-                              "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
-    if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
-        raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")
+        resolve(self)

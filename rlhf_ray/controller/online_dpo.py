@@ -9,7 +9,7 @@ Each round, read top to bottom in ``OnlineDPOLoop.step``:
                   the offline ``dpo`` objective and the losses of ``rlhf_ray.algos.preference``
     5. sync       the new weights into the engines
 
-Generation, scoring, weight sync, checkpoints and resume are ``RLLoop``'s; only the update differs.
+Generation, scoring, weight sync, checkpoints and resume are ``RolloutLoop``'s; only the update differs.
 Every round's pairs go into one optimizer step, each learner rank taking its share as one micro-batch
 (``learner.micro_batch_size x learner.num_workers >= algo.prompts_per_step``, checked at load).
 """
@@ -17,14 +17,16 @@ Every round's pairs go into one optimizer step, each learner rank taking its sha
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 
-from rlhf_ray.controller.rl_loop import RLLoop
-from rlhf_ray.data.batching import pad_batch
+from rlhf_ray.controller.roles import merge_rank_metrics
+from rlhf_ray.controller.rollout_loop import RolloutLoop
+from rlhf_ray.data.batching import IGNORE_INDEX, pad_batch
 from rlhf_ray.metrics import PhaseTimer
-
-IGNORE_INDEX = -100
+from rlhf_ray.objectives.common import BatchTotals
+from rlhf_ray.objectives.preference import REF_KEY, DPOLoss, PairLogprobs
 
 
 def best_worst_pairs(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[list[tuple[int, int]], int]:
@@ -44,7 +46,7 @@ def best_worst_pairs(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[
 
 
 def sequence_example(batch, b: int) -> dict[str, list[int]]:
-    """Row ``b`` of a rollout batch as ``{"input_ids", "labels"}`` with labels -100 off the response."""
+    """Row ``b`` of a rollout batch as ``{"input_ids", "labels"}`` with labels IGNORE_INDEX off the response."""
     n = int(batch.attention_mask[b].sum())
     ids = batch.input_ids[b, :n].tolist()
     action = batch.action_mask[b, : n - 1].bool().tolist()
@@ -52,8 +54,14 @@ def sequence_example(batch, b: int) -> dict[str, list[int]]:
     return {"input_ids": ids, "labels": labels}
 
 
-class OnlineDPOLoop(RLLoop):
-    """``RLLoop`` with a DPO update on each round's best / worst samples instead of a policy-gradient step."""
+class OnlineDPOLoop(RolloutLoop):
+    """A rollout loop with a DPO update on each round's best / worst samples."""
+
+    name = "online_dpo"
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.loss = DPOLoss.from_config(self.cfg)
 
     def step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
@@ -70,35 +78,32 @@ class OnlineDPOLoop(RLLoop):
 
         # 4. update (skipped, and said so, when too few prompts had a better and a worse sample)
         with timer("train"):
-            if len(pairs) >= self.roles.actor.world:
+            if len(pairs) >= self.policy.world:
                 metrics.update(self.dpo_update(batch, pairs, timer))
-            metrics["online_dpo/update_skipped"] = float(len(pairs) < self.roles.actor.world)
+            metrics["online_dpo/update_skipped"] = float(len(pairs) < self.policy.world)
 
         # 5. sync
         with timer("weight_sync"):
             sync = self.sync_weights()
-        metrics.update(self.rollout_metrics(batch, gens, sync))
-        return self.finish_metrics(metrics, timer, batch, gens, t_step)
+        return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
 
     def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer) -> dict[str, float]:
-        """One optimizer step of the ``dpo`` objective on ``pairs``, each rank's share as one two-halves micro-batch."""
-        world, pad = self.roles.actor.world, self.tokenizer.pad_token_id
+        """One optimizer step of ``DPOLoss`` on ``pairs``, each rank's share as one two-halves micro-batch."""
+        world, pad = self.policy.world, self.tokenizer.pad_token_id
         shares = [pairs[r::world] for r in range(world)]
         per_rank = [[pad_batch([sequence_example(batch, c) for c, _ in share]
                                + [sequence_example(batch, r) for _, r in share], pad)] for share in shares]
-        d = self.cfg.dpo
         if self.roles.reference is not None:
             with timer("reference"):
-                refs = self.roles.reference.group.call_split("infer", per_rank, "pair_logprobs")
+                refs = self.roles.reference.infer(per_rank, PairLogprobs())
             for rank_mbs, rank_out in zip(per_rank, refs):
                 for mb, ref in zip(rank_mbs, rank_out):
-                    mb["ref_logps"] = ref
-        kwargs = {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "gamma": d.simpo_gamma,
-                  "nll_coef": d.nll_coef, "loss_scale": world / len(pairs)}
-        ranks = self.roles.actor.group.call_split("train_step", per_rank, "dpo", kwargs)
-        n = sum(r["pairs"] for r in ranks)
-        total = lambda key: sum(r[key] for r in ranks)  # noqa: E731
-        return {"actor/dpo_loss": total("loss_sum") / n, "actor/reward_accuracy": total("correct") / n,
-                "actor/margin": (total("chosen_sum") - total("rejected_sum")) / n,
-                "actor/rewards_chosen": total("chosen_sum") / n, "actor/rewards_rejected": total("rejected_sum") / n,
-                "actor/grad_norm": ranks[0]["grad_norm"], "actor/lr": ranks[0]["lr"]}
+                    mb[REF_KEY] = ref
+        # One micro-batch per rank: grad_scale = world undoes DeepSpeed's mean over ranks.
+        ranks = self.policy.train_step(per_rank, self.loss, BatchTotals(sequences=len(pairs), grad_scale=world))
+        s = merge_rank_metrics(ranks)
+        n = s["pairs"]
+        return {"actor/dpo_loss": s["loss_sum"] / n, "actor/reward_accuracy": s["correct"] / n,
+                "actor/margin": (s["chosen_sum"] - s["rejected_sum"]) / n,
+                "actor/rewards_chosen": s["chosen_sum"] / n, "actor/rewards_rejected": s["rejected_sum"] / n,
+                "actor/grad_norm": s["grad_norm"], "actor/lr": s["lr"]}

@@ -19,9 +19,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Optional
 
+from rlhf_ray.config.schema import PLACEMENT_STRATEGIES
+
 log = logging.getLogger(__name__)
 
-Strategy = Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"]
+Strategy = Literal[PLACEMENT_STRATEGIES]  # type: ignore[valid-type]
 
 
 class PlacementError(RuntimeError):

@@ -19,6 +19,7 @@ import torch
 from rlhf_ray.config.schema import DataConfig, RewardConfig
 from rlhf_ray.rewards import CombinedReward, RewardError, build_reward_source, checked_scores
 from rlhf_ray.types import RolloutBatch
+from rlhf_ray.objectives.common import SequenceScores
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,14 @@ class RewardScorer:
             raise ConfigError("reward: name at least one reward (reward.functions or reward.model)")
 
     @classmethod
-    def from_config(cls, cfg, reward_model: Any, policy_tokenizer) -> "RewardScorer":
+    def from_resolved(cls, resolved, reward_model: Any, policy_tokenizer) -> "RewardScorer":
         """The scorer a job's config describes (the reward model's own tokenizer loaded when there is one)."""
         rm_tok = None
-        if cfg.reward.model:
+        if resolved.paths.reward_model:
             from transformers import AutoTokenizer
 
-            rm_tok = AutoTokenizer.from_pretrained(cfg.reward.model)
+            rm_tok = AutoTokenizer.from_pretrained(resolved.paths.reward_model)
+        cfg = resolved.config
         return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok)
 
     def start(self, batch: RolloutBatch, prompts: list[Any]):
@@ -73,7 +75,7 @@ class RewardScorer:
         if self.reward_model is None:
             return None
         rm_batch = self._rm_batch(batch, prompts) if self.retokenize else batch
-        return self.reward_model.forward_async(rm_batch, "sequence_scores")
+        return self.reward_model.forward_async(rm_batch, SequenceScores())
 
     def finish(self, batch: RolloutBatch, pending, prompt_texts: list[str],
                row_fields: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -127,3 +129,18 @@ def _same_vocab(a, b) -> bool:
     if a is None or b is None:
         return True
     return a.get_vocab() == b.get_vocab() and a.chat_template == b.chat_template
+
+
+def attach_prompts(batch: RolloutBatch, prompts: list) -> list:
+    """Give ``batch`` its prompt texts and row fields (for reward functions); returns each sequence's prompt."""
+    rows = [prompts[g] for g in batch.group_index.tolist()]
+    batch.prompts = [p.prompt_text for p in rows]
+    batch.row_fields = {k: [p.fields.get(k) for p in rows] for k in rows[0].fields}
+    return rows
+
+
+def score_batch(scorer: RewardScorer, batch: RolloutBatch, rows: list) -> dict[str, float]:
+    """``batch.rewards`` from ``scorer`` (reward model started first, functions meanwhile); returns its metrics."""
+    reward_model = scorer.start(batch, [p.prompt for p in rows])
+    batch.rewards, metrics = scorer.finish(batch, reward_model, batch.prompts, batch.row_fields)
+    return metrics

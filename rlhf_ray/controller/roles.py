@@ -3,7 +3,7 @@
 ``LearnerRole`` wraps a learner ``WorkerGroup`` (policy, reference, critic or reward model) and hides
 the data-parallel plumbing: sequences are dealt to ranks balanced by length, cut into micro-batches,
 and the per-rank results put back in batch order. ``RolloutRole`` wraps the vLLM engines: prompts are
-split across engines, samples come back as one ``RolloutBatch``, and weights flow in from the policy.
+split across engines, samples come back as one ``RolloutBatch``.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from rlhf_ray.controller.worker_group import WorkerGroup, wait_named
+from rlhf_ray.objectives.common import BatchTotals, Forward, Objective
 from rlhf_ray.types import RolloutBatch
+from rlhf_ray.workers.learner import LearnerWorker
+from rlhf_ray.workers.rollout import RolloutWorker
 
 log = logging.getLogger(__name__)
-
-SEQUENCE_FIELDS = ("input_ids", "attention_mask")
 
 
 def deal_by_length(indices: Sequence[int], lengths: torch.Tensor, world: int) -> list[list[int]]:
@@ -76,73 +77,98 @@ class LearnerRole:
         return len(self.group)
 
     # ---- no-grad forwards -----------------------------------------------------------------------
-    def forward_async(self, batch: RolloutBatch, forward: str, fields: Sequence[str] = SEQUENCE_FIELDS,
-                      **kwargs: Any) -> PendingForward:
-        """Start ``FORWARDS[forward]`` over the whole batch; every rank gets the same number of micro-batches."""
+    def forward_async(self, batch: RolloutBatch, forward: Forward) -> PendingForward:
+        """Start the ``forward`` spec over the whole batch; every rank gets the same number of micro-batches."""
         lengths = batch.attention_mask.sum(dim=1)
         shares = deal_by_length(range(batch.size), lengths, self.world)
         shards = [chunks(share, self.micro_batch_size) for share in shares]
-        per_rank = [[batch.tensors(idx, tuple(fields)) for idx in rank_mbs] for rank_mbs in shards]
-        refs = [getattr(a, "infer").remote(mbs, forward, kwargs) for a, mbs in zip(self.group.actors, per_rank)]
+        per_rank = [[batch.tensors(idx, forward.fields) for idx in rank_mbs] for rank_mbs in shards]
+        refs = self.group.async_split(LearnerWorker.infer, per_rank, forward)
         return PendingForward(self, refs, shards, batch.size, batch.input_ids.shape[1] - 1,
-                              f"infer[{forward}]", time.perf_counter())
+                              f"infer[{type(forward).__name__}]", time.perf_counter())
 
-    def forward(self, batch: RolloutBatch, forward: str, fields: Sequence[str] = SEQUENCE_FIELDS,
-                **kwargs: Any) -> torch.Tensor:
-        return self.forward_async(batch, forward, fields, **kwargs).result()[0]
+    def forward(self, batch: RolloutBatch, forward: Forward) -> torch.Tensor:
+        return self.forward_async(batch, forward).result()[0]
 
     # ---- updates --------------------------------------------------------------------------------
-    def update(self, batch: RolloutBatch, objective: str, fields: Sequence[str], kwargs: dict[str, Any],
-               mini_batches: int, epochs: int, seed: int, horizon: int) -> list[dict[str, float]]:
+    def update(self, batch: RolloutBatch, objective: Objective, mini_batches: int, epochs: int, seed: int,
+               horizon: int) -> list[dict[str, float]]:
         """``epochs`` passes over the batch in ``mini_batches`` optimizer steps each (a seeded shuffle per epoch).
 
-        Each mini-batch is dealt to ranks by length and cut into micro-batches (gradient accumulation);
-        the objective gets the mini-batch's action-token and sequence counts, so its loss aggregation
-        does not depend on the split. Returns one dict of summed metrics (plus lr, grad_norm) per step.
+        Each mini-batch is dealt to ranks by length and cut into micro-batches (gradient accumulation) of the
+        fields ``objective`` reads; it gets the mini-batch's ``BatchTotals``, so its loss aggregation does not
+        depend on the split. Returns one dict of summed metrics (plus lr, grad_norm) per optimizer step.
         """
         size = batch.size // mini_batches
+        lengths = batch.attention_mask.sum(dim=1)
         results = []
         for epoch in range(epochs):
             order = np.random.default_rng([seed & 0xFFFFFFFF, epoch]).permutation(batch.size).tolist()
             for m in range(mini_batches):
                 idx = order[m * size:(m + 1) * size]
-                lengths = batch.attention_mask.sum(dim=1)
                 shares = deal_by_length(idx, lengths, self.world)
-                per_rank = [[batch.tensors(mb, tuple(fields)) for mb in chunks(share, self.micro_batch_size)]
+                per_rank = [[batch.tensors(mb, objective.fields) for mb in chunks(share, self.micro_batch_size)]
                             for share in shares]
-                accum = len(per_rank[0])
-                step_kwargs = dict(kwargs, num_tokens=int(batch.action_mask[idx].sum()), num_seqs=len(idx),
-                                   horizon=horizon, grad_scale=float(accum * self.world))
-                ranks = self.group.call_split("train_step", per_rank, objective, step_kwargs)
-                merged = {k: sum(r[k] for r in ranks) for k in ranks[0] if k not in ("lr", "grad_norm", "seconds")}
-                merged.update(lr=ranks[0]["lr"], grad_norm=ranks[0]["grad_norm"],
-                              seconds=max(r["seconds"] for r in ranks))
-                results.append(merged)
+                totals = BatchTotals(tokens=int(batch.action_mask[idx].sum()), sequences=len(idx), horizon=horizon,
+                                     grad_scale=float(len(per_rank[0]) * self.world))
+                results.append(merge_rank_metrics(self.train_step(per_rank, objective, totals)))
         return results
+
+    def train_step(self, per_rank: list[list[dict]], objective: Objective, totals: BatchTotals) -> list[dict]:
+        """One optimizer step: rank r trains on its micro-batches ``per_rank[r]``; per-rank metric sums back."""
+        return self.group.call_split(LearnerWorker.train_step, per_rank, objective, totals)
+
+    def evaluate(self, per_rank: list[list[dict]], objective: Objective, totals: BatchTotals) -> list[dict]:
+        """``objective``'s metric sums per rank, without updating."""
+        return self.group.call_split(LearnerWorker.evaluate, per_rank, objective, totals)
+
+    def infer(self, per_rank: list[list[dict]], forward: Forward) -> list[list[torch.Tensor]]:
+        """The ``forward`` spec on each rank's micro-batches; per rank, one output per micro-batch."""
+        return self.group.call_split(LearnerWorker.infer, per_rank, forward)
 
     # ---- state ----------------------------------------------------------------------------------
     def save(self, directory: str, client_state: dict[str, Any]) -> None:
-        self.group.call_all("save_state", directory, client_state)
+        self.group.call_all(LearnerWorker.save_state, directory, client_state)
 
     def load(self, directory: str) -> dict[str, Any]:
-        return self.group.call_all("load_state", directory)[0]
+        return self.group.call_all(LearnerWorker.load_state, directory)[0]
 
     def export_hf(self, directory: str, tokenizer_path: Optional[str]) -> None:
-        self.group.call_all("export_hf", directory, tokenizer_path)
+        self.group.call_all(LearnerWorker.export_hf, directory, tokenizer_path)
 
     def offload(self) -> float:
-        return max(self.group.call_all("offload"))
+        return max(self.group.call_all(LearnerWorker.offload))
 
     def reload(self) -> float:
-        return max(self.group.call_all("reload"))
+        return max(self.group.call_all(LearnerWorker.reload))
+
+    def calibrate(self) -> dict:
+        """Rank 0's device measurement for the efficiency report."""
+        return self.group.call_rank0(LearnerWorker.calibrate)
+
+    @property
+    def on_gpu(self) -> bool:
+        """Whether this group really runs on CUDA (logical GPUs on a CPU machine do not)."""
+        return self.group.facts[0]["device"].startswith("cuda")
+
+    @property
+    def trainable_params(self) -> int:
+        return int(self.group.facts[0]["trainable_params"])
+
+
+def merge_rank_metrics(ranks: list[dict]) -> dict[str, float]:
+    """Per-rank metric sums -> one dict: sums added, lr / grad_norm from rank 0, seconds of the slowest rank."""
+    merged = {k: sum(r[k] for r in ranks) for k in ranks[0] if k not in ("lr", "grad_norm", "seconds")}
+    merged.update(lr=ranks[0]["lr"], grad_norm=ranks[0]["grad_norm"], seconds=max(r["seconds"] for r in ranks))
+    return merged
 
 
 class RolloutRole:
-    """The vLLM engines: generation across engines, and the weight-sync channel from the policy."""
+    """The vLLM engines: generation across engines, log-probs, sleep / wake (weights come in through
+    ``rlhf_ray.weight_sync.channel``)."""
 
     def __init__(self, group: WorkerGroup, timeout_s: float):
         self.group, self.timeout_s = group, timeout_s
-        self.sync_mode: Optional[str] = None
 
     @property
     def num_engines(self) -> int:
@@ -181,48 +207,9 @@ class RolloutRole:
         ref = self.group.actors[engine].sequence_logprobs.remote(sequences)
         return wait_named([ref], [f"rollout[engine {engine}]"], "rollout.sequence_logprobs", self.timeout_s)[0]
 
-    # ---- weight sync ----------------------------------------------------------------------------
-    def init_sync(self, actor: LearnerRole, mode: str, dtype: str, bucket_mb: int, tp: int) -> dict[str, Any]:
-        """Agree on the sync plan with the policy group and open the channel (``mode``: nccl, gloo or ipc)."""
-        plans = actor.group.call_all("weight_sync_plan", dtype, bucket_mb)
-        self.sync_mode = mode
-        if mode == "ipc":
-            if actor.world != self.num_engines:
-                raise ValueError(f"CUDA IPC weight sync pairs each learner rank with the engine on its GPU: "
-                                 f"{actor.world} learner ranks but {self.num_engines} engines")
-            return {"mode": mode, "buckets": len(plans[0])}
-        host, port = actor.group.call_rank0("rendezvous")
-        world = 1 + self.num_engines * tp
-        refs = [actor.group.actors[0].init_weight_sync.remote(host, port, world, mode, self.timeout_s)]
-        names = [f"{actor.name}[rank 0]"]
-        for e, engine in enumerate(self.group.actors):
-            refs.append(engine.init_weight_sync.remote(host, port, 1 + e * tp, world, mode, self.timeout_s, plans[0]))
-            names.append(f"rollout[engine {e}]")
-        # All ranks must join at once (a rendezvous); a missing one is named when the wait times out.
-        wait_named(refs, names, "weight_sync.init", self.timeout_s)
-        return {"mode": mode, "buckets": len(plans[0]), "world": world}
-
-    def sync_from(self, actor: LearnerRole) -> dict[str, float]:
-        """Push the policy's current weights into every engine; returns seconds and bytes."""
-        t0 = time.perf_counter()
-        if self.sync_mode == "ipc":
-            sent = actor.group.call_split("send_weights_ipc", list(self.group.actors), self.timeout_s)
-            refs = [e.finish_ipc_sync.remote() for e in self.group.actors]
-            wait_named(refs, [f"rollout[engine {i}]" for i in range(len(refs))], "weight_sync.finish", self.timeout_s)
-        else:
-            send = actor.group.async_all("send_weights")
-            recv = [e.receive_weights.remote(self.timeout_s) for e in self.group.actors]
-            names = ([f"{actor.name}[rank {r}]" for r in range(actor.world)]
-                     + [f"rollout[engine {i}]" for i in range(self.num_engines)])
-            # One bounded wait over senders and receivers: a stall names whoever did not finish.
-            results = wait_named(send + recv, names, "weight_sync", self.timeout_s)
-            sent = results[: actor.world]
-        nbytes = sum(r["bytes"] for r in sent)
-        return {"seconds": time.perf_counter() - t0, "bytes": nbytes}
-
     # ---- memory ---------------------------------------------------------------------------------
     def sleep(self) -> float:
-        return max(self.group.call_all("sleep"))
+        return max(self.group.call_all(RolloutWorker.sleep))
 
     def wake_up(self, tags: Optional[list[str]] = None) -> float:
-        return max(self.group.call_all("wake_up", tags))
+        return max(self.group.call_all(RolloutWorker.wake_up, tags))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
@@ -70,6 +70,9 @@ class GroupSpec:
 class WorkerGroup:
     """N actors of one class placed in given placement-group bundles, called with declared fan-out.
 
+    Methods are named by the worker class's function (``group.call_all(LearnerWorker.offload)``), so a
+    reader (and an editor's "go to definition") lands on the code that runs.
+
     - ``call_all``: the same arguments to every rank (broadcast), all results back.
     - ``call_split``: one argument list per rank (data-parallel split).
     - ``call_rank0``: rank 0 only.
@@ -99,27 +102,34 @@ class WorkerGroup:
     def _names(self, ranks: Sequence[int]) -> list[str]:
         return [f"{self.name}[rank {r}]" for r in ranks]
 
-    def call_all(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
-        """Call ``method`` on every rank with the same arguments."""
-        refs = [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
-        return wait_named(refs, self._names(range(len(refs))), f"{self.name}.{method}", timeout_s or self.timeout_s)
+    def _remote(self, actor: Any, method: Callable) -> Any:
+        return getattr(actor, method.__name__)
 
-    def call_split(self, method: str, per_rank: Sequence[Any], *args: Any, timeout_s: float | None = None,
+    def call_all(self, method: Callable, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
+        """Call ``method`` on every rank with the same arguments."""
+        refs = [self._remote(a, method).remote(*args, **kwargs) for a in self.actors]
+        return self.wait(refs, method.__name__, timeout_s)
+
+    def call_split(self, method: Callable, per_rank: Sequence[Any], *args: Any, timeout_s: float | None = None,
                    **kwargs: Any) -> list[Any]:
         """Call ``method(per_rank[r], *args)`` on rank r (the data-parallel split)."""
         if len(per_rank) != len(self.actors):
-            raise ValueError(f"{self.name}.{method}: {len(per_rank)} shards for {len(self.actors)} ranks")
-        refs = [getattr(a, method).remote(x, *args, **kwargs) for a, x in zip(self.actors, per_rank)]
-        return wait_named(refs, self._names(range(len(refs))), f"{self.name}.{method}", timeout_s or self.timeout_s)
+            raise ValueError(f"{self.name}.{method.__name__}: {len(per_rank)} shards for {len(self.actors)} ranks")
+        refs = [self._remote(a, method).remote(x, *args, **kwargs) for a, x in zip(self.actors, per_rank)]
+        return self.wait(refs, method.__name__, timeout_s)
 
-    def call_rank0(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
+    def call_rank0(self, method: Callable, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> Any:
         """Call ``method`` on rank 0 only."""
-        ref = getattr(self.actors[0], method).remote(*args, **kwargs)
-        return wait_named([ref], self._names([0]), f"{self.name}.{method}", timeout_s or self.timeout_s)[0]
+        ref = self._remote(self.actors[0], method).remote(*args, **kwargs)
+        return self.wait([ref], method.__name__, timeout_s)[0]
 
-    def async_all(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+    def async_all(self, method: Callable, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         """Start ``method`` on every rank and return the refs (for overlapping with other groups)."""
-        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+        return [self._remote(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def async_split(self, method: Callable, per_rank: Sequence[Any], *args: Any) -> list[ray.ObjectRef]:
+        """Start ``method(per_rank[r], *args)`` on rank r and return the refs."""
+        return [self._remote(a, method).remote(x, *args) for a, x in zip(self.actors, per_rank)]
 
     def wait(self, refs: Sequence[ray.ObjectRef], method: str, timeout_s: float | None = None) -> list[Any]:
         """Wait for refs from ``async_all`` with this group's naming and timeout."""

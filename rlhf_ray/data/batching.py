@@ -29,6 +29,8 @@ import torch
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt, template glue, padding): PyTorch's cross-entropy default. The one
+definition: data pipelines, objectives and online DPO import it."""
 
 
 def pad_batch(examples: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

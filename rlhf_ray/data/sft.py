@@ -28,13 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from rlhf_ray.config.schema import DataConfig
+from rlhf_ray.data.batching import IGNORE_INDEX
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.data.sources import MAX_REASONS_KEPT, RowSet
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (prompt, template glue, padding); PyTorch's cross-entropy default."""
 
 
 @dataclass

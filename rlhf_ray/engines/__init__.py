@@ -1,1 +1,1 @@
-"""Per-process engines: the DeepSpeed learner, objectives, weight export / sync, the vLLM rollout engine."""
+"""Per-process engines: the DeepSpeed learner (model, ZeRO config, optimizer step, checkpoints) and the vLLM rollout engine."""

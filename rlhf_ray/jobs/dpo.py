@@ -34,16 +34,10 @@ import logging
 from typing import Any
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
+from rlhf_ray.controller.offline_loop import SupervisedTask
+from rlhf_ray.jobs.front import offline_job, run_job
 
 log = logging.getLogger(__name__)
-
-
-def dpo_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
-    """The loss's settings, and ``loss_scale`` = accumulation x world / pairs in the global batch."""
-    lc, d = cfg.learner, cfg.dpo
-    return {"loss": d.loss, "beta": d.beta, "label_smoothing": d.label_smoothing, "gamma": d.simpo_gamma,
-            "nll_coef": d.nll_coef, "loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, len(batch))}
 
 
 def dpo_reduce(rank_sums: list[dict]) -> dict[str, float]:
@@ -76,20 +70,22 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
 
 def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
     """The DPO family's task: chosen and rejected in one padded batch, reference log-probs unless reference-free."""
-    from rlhf_ray.algos.preference import PREFERENCE_LOSSES
     from rlhf_ray.data.batching import pad_batch
+    from rlhf_ray.objectives.preference import DPOLoss, PairLogprobs
 
-    uses_reference = PREFERENCE_LOSSES[cfg.dpo.loss].uses_reference
-    if not uses_reference:
+    loss = DPOLoss.from_config(cfg)
+    if not loss.uses_reference:
         log.info("dpo.loss=%s is reference-free: no reference log-probs (dpo.reference is ignored)", cfg.dpo.loss)
     return SupervisedTask(
-        name="dpo", objective="dpo", head="causal_lm",
+        name="dpo", objective=loss,
         collate=lambda exs: pad_batch([e["chosen"] for e in exs] + [e["rejected"] for e in exs], pad_id),
-        objective_kwargs=dpo_objective_kwargs, reduce=dpo_reduce,
-        reference_forward="pair_logprobs" if uses_reference else None, reference_mode=cfg.dpo.reference,
+        reduce=dpo_reduce, reference_forward=PairLogprobs() if loss.uses_reference else None,
         eval_before_training=True)
+
+
+JOB = offline_job(prepare_data, make_task)
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run DPO (or IPO / SimPO) as configured; returns paths and final metrics."""
-    return run_offline_job(cfg, prepare_data, make_task)
+    return run_job(cfg, JOB)

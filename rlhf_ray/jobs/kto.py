@@ -37,23 +37,16 @@ from typing import Any, Callable
 import torch
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
+from rlhf_ray.objectives.preference import KTOKLLogratios, KTOLoss
+from rlhf_ray.controller.offline_loop import SupervisedTask
+from rlhf_ray.jobs.front import offline_job, run_job
 
 log = logging.getLogger(__name__)
 
 
-def kto_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
-    """The loss's settings, and ``loss_scale`` = accumulation x world / examples in the global batch."""
-    lc, k = cfg.learner, cfg.kto
-    return {"beta": k.beta, "desirable_weight": k.desirable_weight, "undesirable_weight": k.undesirable_weight,
-            "loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, len(batch))}
-
-
-def kto_pre_step(infer: Callable[[str], list[torch.Tensor]]) -> dict[str, float]:
+def kto_pre_step(objective: KTOLoss, infer: Callable[[Any], list[torch.Tensor]]) -> KTOLoss:
     """z0 of the batch: the policy's log-ratios on the mismatched halves, through ``kto_reference_point``."""
-    from rlhf_ray.algos.preference import kto_reference_point
-
-    return {"z0": float(kto_reference_point(torch.cat(infer("kto_kl_logratios"))))}
+    return objective.with_z0(infer(KTOKLLogratios()))
 
 
 def kto_reduce(rank_sums: list[dict]) -> dict[str, float]:
@@ -79,7 +72,7 @@ def with_mismatched(examples: list[dict], max_length: int, seed: int) -> list[di
     The partner of the j-th example of a seeded permutation is the (j+1)-th, so no example is its own
     partner and every completion is used once.
     """
-    from rlhf_ray.data.sft import IGNORE_INDEX
+    from rlhf_ray.data.batching import IGNORE_INDEX
 
     n = len(examples)
     order = list(range(n))
@@ -147,12 +140,16 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
 
 def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
     """KTO's task: reference log-probs per example, the reference point from a no-grad pass per step."""
+    from rlhf_ray.objectives.preference import PairLogprobs
+
     return SupervisedTask(
-        name="kto", objective="kto", head="causal_lm", collate=lambda exs: collate_kto(exs, pad_id),
-        objective_kwargs=kto_objective_kwargs, reduce=kto_reduce, reference_forward="pair_logprobs",
-        reference_mode=cfg.kto.reference, pre_step=kto_pre_step, eval_before_training=True)
+        name="kto", objective=KTOLoss.from_config(cfg), collate=lambda exs: collate_kto(exs, pad_id),
+        reduce=kto_reduce, reference_forward=PairLogprobs(), pre_step=kto_pre_step, eval_before_training=True)
+
+
+JOB = offline_job(prepare_data, make_task)
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run KTO as configured; returns paths and final metrics."""
-    return run_offline_job(cfg, prepare_data, make_task)
+    return run_job(cfg, JOB)

@@ -18,11 +18,20 @@ from typing import Any
 
 from rlhf_ray.config import Config
 from rlhf_ray.jobs import rl
+from rlhf_ray.jobs.front import Job, JobContext, run_job
 
 prepare_data = rl.prepare_data
 
 
-def run(cfg: Config) -> dict[str, Any]:
+def _body(ctx: JobContext) -> dict[str, Any]:
     from rlhf_ray.controller.online_dpo import OnlineDPOLoop
 
-    return rl.run(cfg, OnlineDPOLoop)
+    return OnlineDPOLoop(ctx.resolved, ctx.roles, ctx.schedule, ctx.train, ctx.evaluation, ctx.tokenizer,
+                         ctx.output_dir).run()
+
+
+JOB = Job(prepare_data, _body)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    return run_job(cfg, JOB)

@@ -21,6 +21,7 @@ from rlhf_ray.config import Config
 from rlhf_ray.jobs import rl
 
 prepare_data = rl.prepare_data
+JOB = rl.JOB
 
 
 def run(cfg: Config) -> dict[str, Any]:

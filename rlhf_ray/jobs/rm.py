@@ -27,15 +27,10 @@ from typing import Any
 import torch
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
+from rlhf_ray.controller.offline_loop import SupervisedTask
+from rlhf_ray.jobs.front import offline_job, run_job
 
 log = logging.getLogger(__name__)
-
-
-def rm_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
-    """``loss_scale`` = accumulation x world / pairs in the global batch: a mean over pairs."""
-    lc = cfg.learner
-    return {"loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, len(batch))}
 
 
 def rm_reduce(rank_sums: list[dict]) -> dict[str, float]:
@@ -108,11 +103,15 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
 
 def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
     """The reward model's task: Bradley-Terry loss on a scalar head over chosen / rejected pairs."""
-    return SupervisedTask(
-        name="rm", objective="rm", head="sequence_score", collate=lambda exs: collate_pairs(exs, pad_id),
-        objective_kwargs=rm_objective_kwargs, reduce=rm_reduce, eval_before_training=True)
+    from rlhf_ray.objectives.preference import RMLoss
+
+    return SupervisedTask(name="rm", objective=RMLoss(), collate=lambda exs: collate_pairs(exs, pad_id),
+                          reduce=rm_reduce, eval_before_training=True)
+
+
+JOB = offline_job(prepare_data, make_task)
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train the reward model as configured; returns paths and final metrics."""
-    return run_offline_job(cfg, prepare_data, make_task)
+    return run_job(cfg, JOB)

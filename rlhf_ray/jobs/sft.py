@@ -1,7 +1,7 @@
 """Supervised fine-tuning (SFT) on DeepSpeed learners.
 
 Loss: mean negative log-likelihood over *response* tokens of the global batch (prompt tokens are
-masked with -100 by the data pipeline), i.e. a token mean across ranks and accumulation steps, so
+masked with IGNORE_INDEX by the data pipeline), i.e. a token mean across ranks and accumulation steps, so
 1 worker x 8 accumulation steps and 2 workers x 4 give the same update.
 
 Launch:
@@ -16,16 +16,16 @@ import logging
 from typing import Any
 
 from rlhf_ray.config import Config
-from rlhf_ray.jobs.supervised import SupervisedTask, run_offline_job
+from rlhf_ray.controller.offline_loop import SupervisedTask
+from rlhf_ray.data.batching import IGNORE_INDEX
+from rlhf_ray.jobs.front import offline_job, run_job
 
 log = logging.getLogger(__name__)
 
 
-def sft_objective_kwargs(batch: list[dict], cfg: Config) -> dict[str, Any]:
-    """``loss_scale`` = accumulation x world / response tokens of the global batch (see objectives.sft)."""
-    n_tokens = sum(sum(1 for t in ex["labels"][1:] if t != -100) for ex in batch)
-    lc = cfg.learner
-    return {"loss_scale": lc.grad_accum_steps * lc.num_workers / max(1, n_tokens)}
+def response_tokens(batch: list[dict]) -> int:
+    """Loss-carrying (response) tokens of a batch of examples: the SFT loss is a mean over them."""
+    return sum(sum(1 for t in ex["labels"][1:] if t != IGNORE_INDEX) for ex in batch)
 
 
 def sft_reduce(rank_sums: list[dict]) -> dict[str, float]:
@@ -55,11 +55,15 @@ def prepare_data(cfg: Config, tokenizer) -> tuple[list, list, dict]:
 def make_task(cfg: Config, pad_id: int) -> SupervisedTask:
     """SFT's task: next-token loss on response tokens."""
     from rlhf_ray.data.batching import pad_batch
+    from rlhf_ray.objectives.common import SFTLoss
 
-    return SupervisedTask(name="sft", objective="sft", head="causal_lm", collate=lambda exs: pad_batch(exs, pad_id),
-                          objective_kwargs=sft_objective_kwargs, reduce=sft_reduce)
+    return SupervisedTask(name="sft", objective=SFTLoss(), collate=lambda exs: pad_batch(exs, pad_id),
+                          reduce=sft_reduce, loss_tokens=response_tokens)
+
+
+JOB = offline_job(prepare_data, make_task)
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run SFT as configured; returns paths and final metrics."""
-    return run_offline_job(cfg, prepare_data, make_task)
+    return run_job(cfg, JOB)

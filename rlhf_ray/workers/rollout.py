@@ -1,11 +1,12 @@
-"""The rollout Ray actor: one vLLM engine (``RolloutEngine``) per actor, driven by ``RolloutGroup``."""
+"""The rollout Ray actor: one vLLM engine (``RolloutEngine``) per actor, used through ``controller.roles.RolloutRole``."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from rlhf_ray.config.schema import RolloutConfig
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import RolloutRoleSpec
 
 
 class RolloutWorker:
@@ -15,13 +16,12 @@ class RolloutWorker:
         self.rank, self.world_size = rank, world_size
         self.engine = None
 
-    def setup(self, model_path: str, cfg: RolloutConfig, dtype: str, seed: int, max_model_len: int,
-              tokenizer_path: Optional[str], trust_remote_code: bool, sleep_mode: bool) -> dict[str, Any]:
+    def setup(self, spec: "RolloutRoleSpec") -> dict[str, Any]:
+        """Start the engine (engine i samples with seed + i); returns where it runs."""
         from rlhf_ray.engines.rollout_engine import RolloutEngine
         from rlhf_ray.workers.learner import _gpu_ids, node_address, node_id
 
-        self.engine = RolloutEngine(model_path, cfg, dtype, seed + self.rank, max_model_len, tokenizer_path,
-                                    trust_remote_code, sleep_mode)
+        self.engine = RolloutEngine(spec, spec.seed + self.rank)
         return {"rank": self.rank, "node": node_address(), "node_id": node_id(), "gpu_ids": _gpu_ids(),
                 "pid": os.getpid(), "start_s": self.engine.start_seconds,
                 "device": "cuda" if self.engine.on_gpu else "cpu", "dtype": self.engine.dtype}
@@ -32,28 +32,30 @@ class RolloutWorker:
     def sequence_logprobs(self, sequences: list[list[int]]):
         return self.engine.sequence_logprobs(sequences)
 
-    def init_weight_sync(self, *args: Any) -> list[dict]:
-        return self.engine.init_weight_sync(*args)
+    # ---- weight sync (rlhf_ray.weight_sync) -----------------------------------------------------
+    def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
+                         timeout_s: float, plan_buckets: list) -> list[dict]:
+        from rlhf_ray.weight_sync.engine import join_sync_group
+
+        return join_sync_group(self.engine.llm, host, port, rank_offset, world_size, backend, timeout_s,
+                               plan_buckets)
 
     def receive_weights(self, timeout_s: float) -> dict[str, float]:
-        return self.engine.receive_weights(timeout_s)
+        from rlhf_ray.weight_sync.engine import receive
+
+        return receive(self.engine.llm, timeout_s)
 
     def load_ipc(self, names, shapes, handle, timeout_s: float) -> int:
-        return self.engine.load_ipc(names, shapes, handle, timeout_s)
+        from rlhf_ray.weight_sync.engine import load_ipc
+
+        return load_ipc(self.engine.llm, names, shapes, handle, timeout_s)
 
     def finish_ipc_sync(self) -> None:
-        self.engine.finish_ipc_sync()
+        self.engine.llm.reset_prefix_cache()  # cached KV blocks were computed with the old weights
 
-    def weight_checksum(self) -> float:
-        return self.engine.weight_checksum()
-
+    # ---- memory (hybrid placement on GPU) -------------------------------------------------------
     def sleep(self) -> float:
         return self.engine.sleep()
 
     def wake_up(self, tags: Optional[list[str]] = None) -> float:
         return self.engine.wake_up(tags)
-
-    def node_ip(self) -> str:
-        from rlhf_ray.workers.learner import node_address
-
-        return node_address()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import ConfigError, load_config, resolve
 from rlhf_ray.data.errors import DataError
 from rlhf_ray.jobs import get_job
 from rlhf_ray.metrics import read_metrics
@@ -155,7 +155,7 @@ GOOD = {"prompt": "What is 1 + 1?", "chosen": "1 + 1 = 2. The answer is 2.", "re
 def tok(tiny_model_dir):
     from rlhf_ray.jobs.common import load_tokenizer
 
-    return load_tokenizer(load_config(values={"model.path": tiny_model_dir}))
+    return load_tokenizer(resolve(load_config(values={"model.path": tiny_model_dir})))
 
 
 @pytest.mark.parametrize("job", ["rm", "dpo"])
@@ -237,7 +237,7 @@ def test_bad_preference_config_names_the_key(tiny_model_dir, tmp_path):
 # ---- objectives and the lockstep split, on a tiny model without Ray -------------------------------
 
 def test_lockstep_calls_keep_ranks_in_step():
-    from rlhf_ray.jobs.supervised import lockstep_calls
+    from rlhf_ray.controller.offline_batches import lockstep_calls
 
     calls = lockstep_calls(range(11), world=2, micro=2)  # 6 micro-batches: 3 rounds of 2 ranks, no remainder
     assert len(calls) == 1 and calls[0].per_rank == [[[0, 1], [2, 3], [4, 5]], [[6, 7], [8, 9], [10]]]
@@ -252,7 +252,8 @@ def test_objectives_at_the_reference_and_split_invariance(tiny_model_dir, tok):
     from rlhf_ray.data.demo import make_demo_rows
     from rlhf_ray.data.preference import tokenize_pairs, tokenize_unpaired
     from rlhf_ray.data.sources import RowSet
-    from rlhf_ray.engines.objectives import get_forward, get_objective
+    from rlhf_ray.objectives.common import BatchTotals
+    from rlhf_ray.objectives.preference import DPOLoss, KTOKLLogratios, KTOLoss, PairLogprobs
     from rlhf_ray.jobs.kto import collate_kto, with_mismatched
     from rlhf_ray.config.schema import DataConfig
 
@@ -265,26 +266,25 @@ def test_objectives_at_the_reference_and_split_invariance(tiny_model_dir, tok):
 
         mb = pad_batch([e["chosen"] for e in exs] + [e["rejected"] for e in exs], tok.pad_token_id)
         with torch.no_grad():
-            mb["ref_logps"] = get_forward("pair_logprobs")(model, mb)
+            mb["ref_logps"] = PairLogprobs()(model, mb)
         return mb
 
-    dpo = get_objective("dpo")
-    kw = dict(loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0, nll_coef=0.0)
+    dpo = DPOLoss(loss="sigmoid", beta=0.1, label_smoothing=0.0, gamma=0.0, nll_coef=0.0)
+    six = BatchTotals(sequences=6)  # scale 1 / 6
     with torch.no_grad():
-        whole, m = dpo(model, collate(pairs), loss_scale=1 / 6, **kw)
+        whole, m = dpo(model, collate(pairs), six)
         # policy = reference: every pair costs log 2, no pair is won
         assert whole.item() == pytest.approx(math.log(2), abs=1e-5) and m["correct"] == 0
-        parts = [dpo(model, collate(pairs[s:s + 2]), loss_scale=1 / 6, **kw)[0] for s in (0, 2, 4)]
+        parts = [dpo(model, collate(pairs[s:s + 2]), six)[0] for s in (0, 2, 4)]
         assert sum(p.item() for p in parts) == pytest.approx(whole.item(), abs=1e-5)
 
     rows = make_demo_rows("kto", 6)
     unpaired = tokenize_unpaired(RowSet(rows, [str(i) for i in range(6)], "k"), tok, DataConfig()).examples
     mb = collate_kto(with_mismatched(unpaired, 96, 0), tok.pad_token_id)
     with torch.no_grad():
-        mb["ref_logps"] = get_forward("pair_logprobs")(model, mb)
-        loss, m = get_objective("kto")(model, mb, beta=0.1, desirable_weight=2.0, undesirable_weight=1.0, z0=0.0,
-                                       loss_scale=1 / 6)
-        kl = get_forward("kto_kl_logratios")(model, mb)
+        mb["ref_logps"] = PairLogprobs()(model, mb)
+        loss, m = KTOLoss(beta=0.1, desirable_weight=2.0, undesirable_weight=1.0, z0=0.0)(model, mb, six)
+        kl = KTOKLLogratios()(model, mb)
     n_good = int(m["desirable"])
     # at the reference with z0 = 0 each example costs weight / 2: (2 x n_good + 1 x n_bad) / 2 / 6
     assert loss.item() == pytest.approx((2.0 * n_good + (6 - n_good)) / 2 / 6, abs=1e-6)

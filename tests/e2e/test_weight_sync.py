@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhf_ray.config import load_config
-from rlhf_ray.controller.placement import remove_pools
-from rlhf_ray.controller.rl_roles import make_plan, start_rl_roles
+from rlhf_ray.config import load_config, resolve
+from rlhf_ray.controller.launch import Roles
 from rlhf_ray.data.batching import pad_batch
+from rlhf_ray.objectives.common import BatchTotals, SFTLoss, TokenLogprobs
 from rlhf_ray.types import RolloutBatch
 
 TEXTS = ["What is 2 + 3? 5", "Repeat the number 7. 7", "hello world, this is a fixed sequence", "0123456789"]
@@ -44,9 +44,15 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
              "model.lora.rank": 4, "optim.lr": 5e-2, "rollout.enforce_eager": True})
     cfg = _config(tiny_model_dir, tmp_path, **over)
     (tmp_path).mkdir(exist_ok=True)
-    roles = start_rl_roles(cfg, make_plan(cfg), optimizer_steps=4, output_dir=tmp_path)
+    from rlhf_ray.weight_sync.channel import SyncChannel
+
+    resolved = resolve(cfg, "cpu")
+    assert resolved.sync.backend == "gloo" and resolved.sync.dtype == "float32"
+    roles = Roles(resolved.plan, cfg.train.timeout_s)
     try:
-        info = roles.rollout.init_sync(roles.actor, "gloo", "float32", cfg.rollout.weight_sync_bucket_mb, 1)
+        roles.start(resolved, total_steps=4, output_dir=tmp_path)
+        channel = SyncChannel(roles.actor, roles.rollout, resolved.sync, cfg.train.timeout_s)
+        info = channel.open()
         assert info["buckets"] >= 2  # 1 MB buckets: the tiny model's ~1.3 MB goes in several collectives
         tok = AutoTokenizer.from_pretrained(tiny_model_dir)
         seqs = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
@@ -54,7 +60,7 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
                                               [[0.0] * (len(s) - 3) for s in seqs], [0, 1, 2, 3], tok.pad_token_id)
 
         def learner_lp():
-            return roles.actor.forward(batch, "token_logprobs")
+            return roles.actor.forward(batch, TokenLogprobs())
 
         def vllm_lp():
             return roles.rollout.sequence_logprobs(seqs)
@@ -62,7 +68,7 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
         if variant == "qlora":
             # The engine loaded the full-precision checkpoint; the learner computes with its 4-bit rounding.
             assert _max_diff(learner_lp(), vllm_lp(), seqs) > 1e-3
-            roles.rollout.sync_from(roles.actor)
+            channel.push()
         # Same weights on both sides.
         assert _max_diff(learner_lp(), vllm_lp(), seqs) < 1e-3
 
@@ -70,12 +76,12 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
         examples = [{"input_ids": s, "labels": s} for s in seqs]
         per_rank = [[pad_batch(examples[:2], tok.pad_token_id)], [pad_batch(examples[2:], tok.pad_token_id)]]
         n_tokens = sum(len(s) - 1 for s in seqs)
-        roles.actor.group.call_split("train_step", per_rank, "sft", {"loss_scale": 2 / n_tokens})
+        roles.actor.train_step(per_rank, SFTLoss(), BatchTotals(tokens=n_tokens, grad_scale=2.0))
         updated = learner_lp()
         before_sync = _max_diff(updated, vllm_lp(), seqs)
         assert before_sync > 0.05, before_sync  # ... so vLLM, not yet synced, is clearly stale
 
-        result = roles.rollout.sync_from(roles.actor)
+        result = channel.push()
         assert result["bytes"] > 0
         after_sync = _max_diff(updated, vllm_lp(), seqs)
         assert after_sync < 1e-3, (before_sync, after_sync)
@@ -90,5 +96,4 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
         for i, s in enumerate(seqs):
             assert float((hf_lp[i, : len(s) - 1] - updated[i, : len(s) - 1]).abs().max()) < 1e-3, i
     finally:
-        roles.kill()
-        remove_pools(roles.pools)
+        roles.teardown()

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import ConfigError, load_config, resolve
 from rlhf_ray.controller.placement import (PlacementError, RoleRequest, check_plan, plan_placement,
                                            selector_matches)
-from rlhf_ray.controller.rl_roles import make_plan
+
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "cluster_configs"
@@ -45,7 +45,7 @@ def comment_commands(path: Path) -> list[str]:
 
 def check_fits(cfg, nodes: list[tuple[dict, dict]]) -> None:
     """The job's plan (pools, strategies, node selectors) fits the cluster's nodes (resources, labels)."""
-    plan = make_plan(cfg)
+    plan = resolve(cfg).plan
     totals = {"GPU": sum(r.get("GPU", 0) for r, _ in nodes), "CPU": sum(r.get("CPU", 0) for r, _ in nodes)}
     check_plan(plan, totals, [r for r, _ in nodes], labeled_nodes=nodes)
 
@@ -129,7 +129,7 @@ def test_readme_placement_example():
     block = [lines[0], *itertools.takewhile(lambda ln: ln.startswith("      "), lines[1:])]
     placement = yaml.safe_load("\n".join(ln[4:] for ln in block))["placement"]
     cfg = load_config(ROOT / "examples/grpo_7b_8gpu.yaml", values={f"placement.{k}": v for k, v in placement.items()})
-    plan = make_plan(cfg)
+    plan = resolve(cfg).plan
     assert {p.name: p.node_selector[POOL] for p in plan.pools} == {"actor": "learner", "rollout": "rollout"}
     assert {p.name: p.strategy for p in plan.pools} == {"actor": "PACK", "rollout": "SPREAD"}
     check_fits(cfg, [LEARNER, ROLLOUT])

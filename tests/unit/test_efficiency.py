@@ -156,29 +156,29 @@ def test_calibration_measures_positive_rates_and_round_trips():
 
 
 def test_phase_devices_from_config():
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config import load_config, resolve
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples/grpo_7b_8gpu.yaml")
-    assert phase_devices(cfg, on_gpu=False) == {}
-    d = phase_devices(cfg, on_gpu=True)
+    assert phase_devices(resolve(cfg).plan, on_gpu=False) == {}
+    d = phase_devices(resolve(cfg).plan, on_gpu=True)
     assert d["generate"] == 8 and d["train"] == 8 and d["old_logprobs"] == 8
 
 
 def test_rl_step_counts_from_a_rollout_batch():
     """Counts from the loop's own batch type: prompt lengths = real tokens - generated ones, groups kept."""
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config import load_config, resolve
     from rlhf_ray.efficiency import learner_state_bytes, rl_step_counts
     from rlhf_ray.types import RolloutBatch
 
     examples = Path(__file__).resolve().parents[2] / "examples"
     batch = RolloutBatch.from_generations([[1, 2], [1, 2], [3, 4, 5]], [[7, 8, 9], [7], [6, 6]],
                                           [[0.0] * 3, [0.0], [0.0] * 2], [0, 0, 1], pad_id=0)
-    cpu = rl_step_counts(batch, load_config(examples / "grpo_tiny_cpu.yaml"), False, 100.0, SHAPE)
+    cpu = rl_step_counts(batch, resolve(load_config(examples / "grpo_tiny_cpu.yaml"), "cpu"), 100.0, SHAPE)
     assert list(cpu.prompt_lengths) == [2, 2, 3] and list(cpu.response_lengths) == [3, 1, 2]
     assert list(cpu.group_index) == [0, 0, 1] and cpu.devices == {} and cpu.sync_link == "copy"
     assert not cpu.hybrid and cpu.weight_sync_bytes == 100.0
 
-    gpu = rl_step_counts(batch, load_config(examples / "grpo_7b_8gpu.yaml"), True, 100.0, SHAPE)
+    gpu = rl_step_counts(batch, resolve(load_config(examples / "grpo_7b_8gpu.yaml"), "cuda"), 100.0, SHAPE)
     # hybrid on 8 GPUs: the engines share the learners' GPUs; bf16 policy state offloaded: 388 x (2 x 2 + 12) B
     assert gpu.hybrid and gpu.sync_link == "copy" and gpu.total_devices == 8 and gpu.engines == 8
     assert gpu.learner_offload_bytes == learner_state_bytes(388, True, 2) == 388 * 16
@@ -188,10 +188,10 @@ def test_rl_step_counts_from_a_rollout_batch():
 def test_offline_step_counts_from_micro_batches():
     import torch
 
-    from rlhf_ray.config import load_config
+    from rlhf_ray.config import load_config, resolve
     from rlhf_ray.efficiency import offline_step_counts
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "examples" / "sft_tiny_cpu.yaml")
     ranks = [[{"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]])}], [{"attention_mask": torch.ones(1, 2)}]]
-    counts = offline_step_counts(ranks, cfg, on_gpu=False)
+    counts = offline_step_counts(ranks, resolve(cfg).plan, on_gpu=False)
     assert counts.sequence_lengths == [3, 4, 2] and counts.devices == {}

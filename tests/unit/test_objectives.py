@@ -7,7 +7,8 @@ import torch
 
 from rlhf_ray.algos.logprobs import gather_token_logprobs
 from rlhf_ray.data.batching import pad_batch
-from rlhf_ray.engines.objectives import get_forward, get_objective
+from rlhf_ray.objectives.common import BatchTotals, SFTLoss, TokenLogprobs
+from rlhf_ray.objectives.rl import PolicyLoss
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def model(tiny_model_dir):
     return AutoModelForCausalLM.from_pretrained(tiny_model_dir).float()
 
 
-def _logit_grads(model, batch, **kwargs):
+def _logit_grads(model, batch, totals):
     """d loss / d logits, through the real model and the real SFT objective."""
     captured = {}
 
@@ -28,7 +29,7 @@ def _logit_grads(model, batch, **kwargs):
 
     handle = model.lm_head.register_forward_hook(keep)
     try:
-        loss, metrics = get_objective("sft")(model, batch, **kwargs)
+        loss, metrics = SFTLoss()(model, batch, totals)
         loss.backward()
     finally:
         handle.remove()
@@ -42,7 +43,7 @@ def test_prompt_tokens_carry_no_loss(model):
     ids = [5, 6, 7, 8, 9, 20, 21, 22, 2]
     labels = [-100] * 5 + ids[5:]
     batch = pad_batch([{"input_ids": ids, "labels": labels}], pad_id=0)
-    loss, metrics, grad = _logit_grads(model, batch, loss_scale=1.0 / 4)
+    loss, metrics, grad = _logit_grads(model, batch, BatchTotals(tokens=4))  # scale 1 / 4
     assert metrics["response_tokens"] == 4
     assert torch.count_nonzero(grad[0, :4]) == 0
     assert all(torch.count_nonzero(grad[0, t]) > 0 for t in range(4, 8))
@@ -53,7 +54,7 @@ def test_prompt_tokens_carry_no_loss(model):
     assert float(loss.detach()) == pytest.approx(float(want), rel=1e-5)
     # Unmasking the prompt labels adds their terms: the masking is what keeps them out.
     full = pad_batch([{"input_ids": ids, "labels": ids}], pad_id=0)
-    unmasked, m2, _ = _logit_grads(model, full, loss_scale=1.0 / 8)
+    unmasked, m2, _ = _logit_grads(model, full, BatchTotals(tokens=8))  # scale 1 / 8
     assert m2["response_tokens"] == 8 and float(unmasked.detach()) != pytest.approx(float(loss.detach()), rel=1e-3)
 
 
@@ -71,7 +72,7 @@ def test_changing_what_prompt_positions_predict_leaves_the_masked_loss_unchanged
         handle = model.lm_head.register_forward_hook(perturb)
         try:
             with torch.no_grad():
-                return float(get_objective("sft")(model, batch, loss_scale=1.0)[0])
+                return float(SFTLoss()(model, batch, BatchTotals(tokens=1))[0])
         finally:
             handle.remove()
 
@@ -95,10 +96,10 @@ def test_policy_objective_on_policy_is_minus_mean_advantage(model):
     adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -2.0, -2.0, -2.0]])
     mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
           "advantages": adv, "rollout_logprobs": old}
-    loss, metrics = get_objective("policy")(
-        model, mb, policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
-        num_tokens=12, num_seqs=4, horizon=3, grad_scale=2.0, temperature=1.0, entropy_coef=0.0, kl_coef=0.0,
-        kl_estimator="k3", importance_cap=2.0)
+    objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
+                           temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False, importance_cap=2.0,
+                           old_from_update=False)
+    loss, metrics = objective(model, mb, BatchTotals(tokens=12, sequences=4, horizon=3, grad_scale=2.0))
     # sum(A * mask) = 3 * 1 + 3 * (-2) = -3 over a mini-batch of 12 action tokens: -(-3) / 12 * 2 = 0.5
     assert float(loss.detach()) == pytest.approx(0.5, abs=1e-5)
     assert metrics["action_tokens"] == 6 and metrics["clipped_sum"] == 0
@@ -117,14 +118,14 @@ def test_policy_objective_old_from_update_equals_a_separate_old_pass(model):
     rollout = old + 0.25 * action  # vLLM's numbers off by 0.25 on action tokens: w = exp(-0.25) there
     adv = torch.tensor([[0, 0, 1.0, -0.5, 2.0, 0], [0, 0, 0, -2.0, 0.5, -1.0]])
     kwargs = dict(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token_mean",
-                  num_tokens=6, num_seqs=2, horizon=3, grad_scale=1.0, temperature=1.0, entropy_coef=0.0,
-                  kl_coef=0.0, kl_estimator="k3", importance_cap=2.0)
+                  temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False, importance_cap=2.0)
+    totals = BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0)
     base = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "advantages": adv,
             "rollout_logprobs": rollout}
     results = []
-    for mb, extra in (({**base, "old_logprobs": old}, {}), (base, {"old_from_update": True})):
+    for mb, old_from_update in (({**base, "old_logprobs": old}, False), (base, True)):
         model.zero_grad()
-        loss, metrics = get_objective("policy")(model, mb, **kwargs, **extra)
+        loss, metrics = PolicyLoss(**kwargs, old_from_update=old_from_update)(model, mb, totals)
         loss.backward()
         results.append((loss.detach(), metrics, [p.grad.clone() for p in model.parameters() if p.grad is not None]))
     (loss_a, m_a, g_a), (loss_b, m_b, g_b) = results
@@ -143,5 +144,5 @@ def test_token_logprobs_forward_applies_temperature(model):
     with torch.no_grad():
         logits = model(input_ids=ids).logits[:, :-1] / 0.5
         want = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
-        got = get_forward("token_logprobs")(model, mb, temperature=0.5)
+        got = TokenLogprobs(temperature=0.5)(model, mb)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from rlhf_ray.config import ConfigError, load_config
+from rlhf_ray.config import ConfigError, load_config, resolve
 from rlhf_ray.controller.placement import PlacementError, check_plan
-from rlhf_ray.controller.rl_roles import make_plan
+
 
 BASE = {"model.path": "m", "reward.functions": ["builtin:math"], "learner.num_workers": 2,
         "learner.gpus_per_worker": 1, "learner.micro_batch_size": 2, "rollout.n_samples": 4,
@@ -23,7 +23,7 @@ def pools(plan):
 
 def test_ppo_separate_gives_every_role_its_own_gpus():
     c = cfg(job="ppo", **{"algo.kl_coef": 0.1, "reward.model": "rm", "reward.num_workers": 1, "rollout.num_engines": 2})
-    plan = make_plan(c)
+    plan = resolve(c).plan
     assert pools(plan) == {"actor": (2, 1.0, ("actor",)), "reference": (2, 1.0, ("reference",)),
                            "critic": (2, 1.0, ("critic",)), "reward": (1, 1.0, ("reward",)),
                            "rollout": (2, 1.0, ("rollout",))}
@@ -33,7 +33,7 @@ def test_ppo_separate_gives_every_role_its_own_gpus():
 def test_ppo_shared_colocates_actor_with_reference_and_critic_with_reward():
     c = cfg(job="ppo", **{"algo.kl_coef": 0.1, "reward.model": "rm", "reward.num_workers": 2,
                           "placement.mode": "shared"})
-    plan = make_plan(c)
+    plan = resolve(c).plan
     assert pools(plan) == {"actor+reference": (2, 1.0, ("actor", "reference")),
                            "critic+reward": (2, 1.0, ("critic", "reward")), "rollout": (1, 1.0, ("rollout",))}
     assert plan.role_share["actor"] == plan.role_share["reference"] == 0.5
@@ -42,7 +42,7 @@ def test_ppo_shared_colocates_actor_with_reference_and_critic_with_reward():
 
 def test_grpo_hybrid_puts_everything_on_the_learner_gpus():
     c = cfg(job="grpo", **{"placement.mode": "hybrid", "rollout.num_engines": 2, "algo.kl_coef": 0.01})
-    plan = make_plan(c)
+    plan = resolve(c).plan
     assert pools(plan) == {"actor+reference+rollout": (2, 1.0, ("actor", "reference", "rollout"))}
     assert plan.role_share["rollout"] == pytest.approx(1 / 3)
     assert plan.total()["GPU"] == 2
@@ -51,13 +51,13 @@ def test_grpo_hybrid_puts_everything_on_the_learner_gpus():
 def test_impossible_plan_names_the_shortfall():
     c = cfg(job="grpo", **{"rollout.num_engines": 4})
     with pytest.raises(PlacementError, match="placement needs 6 GPU but the cluster has 4"):
-        check_plan(make_plan(c), {"GPU": 4, "CPU": 64})
+        check_plan(resolve(c).plan, {"GPU": 4, "CPU": 64})
 
 
 def test_shared_with_mismatched_sizes_is_refused():
     c = cfg(job="ppo", **{"reward.model": "rm", "reward.num_workers": 1, "placement.mode": "shared"})
     with pytest.raises(PlacementError, match="colocated roles 'critic' and 'reward' must have the same workers"):
-        make_plan(c)
+        resolve(c).plan
 
 
 @pytest.mark.parametrize("over, message", [
@@ -84,10 +84,10 @@ def test_rl_config_errors_name_the_key(over, message):
 
 
 def test_rl_job_resolves_defaults_at_load():
-    c = cfg(job="ppo")
-    assert c.algo.advantage == "gae" and c.learner.global_batch_size == 16
-    c = cfg(job="grpo", **{"algo.mini_batches": 2})
-    assert c.algo.advantage == "grpo" and c.learner.global_batch_size == 8
+    c = resolve(cfg(job="ppo"))
+    assert c.rl.advantage == "gae" and c.batch.per_update == 16
+    c = resolve(cfg(job="grpo", **{"algo.mini_batches": 2}))
+    assert c.rl.advantage == "grpo" and c.batch.per_update == 8
 
 
 @pytest.mark.parametrize("over, want", [
@@ -100,7 +100,7 @@ def test_rl_job_resolves_defaults_at_load():
     ({"job": "grpo", "algo.old_logprobs": "learner"}, "learner"),
 ])
 def test_old_logprobs_auto_takes_the_update_pass_only_where_it_is_exact(over, want):
-    assert cfg(**over).algo.old_logprobs == want
+    assert resolve(cfg(**over)).rl.old_logprobs == want
 
 
 def test_old_logprobs_update_off_policy_names_the_key():

@@ -8,8 +8,9 @@ import threading
 import pytest
 import torch
 
-from rlhf_ray.engines.weight_sync import (SyncGroup, SyncPlan, iter_named_params_for_sync, receive_weights,
-                                          send_weights, sync_entries)
+from rlhf_ray.weight_sync.plan import SyncPlan
+from rlhf_ray.weight_sync.producer import iter_named_params_for_sync, sync_entries
+from rlhf_ray.weight_sync.transport import SyncGroup, receive_weights, send_weights
 
 
 def _port() -> int:

@@ -1,4 +1,4 @@
-"""Methods injected into every vLLM worker process (``LLM(worker_extension_cls=...)``).
+"""The vLLM side of the weight sync: methods injected into every vLLM worker process (``LLM(worker_extension_cls=...)``).
 
 The rollout engine reaches them with ``llm.collective_rpc("rlhf_...")``; they run where the model's
 weights live, so received tensors go straight into the model. Kept free of Ray and of our config so
@@ -27,7 +27,8 @@ class WeightSyncExtension:
     def rlhf_init_sync_group(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                              timeout_s: float, plan_buckets: list) -> dict[str, Any]:
         """Join the weight-sync group as rank ``rank_offset + tp_rank`` and remember the sync plan."""
-        from rlhf_ray.engines.weight_sync import SyncGroup, SyncPlan
+        from rlhf_ray.weight_sync.plan import SyncPlan
+        from rlhf_ray.weight_sync.transport import SyncGroup
 
         rank = rank_offset + self._rlhf_tp_rank()
         self._rlhf_group = SyncGroup(host, port, rank, world_size, backend, timeout_s, self._rlhf_device())
@@ -36,7 +37,7 @@ class WeightSyncExtension:
 
     def rlhf_receive_weights(self) -> dict[str, float]:
         """Receive one full set of weights over the sync group and load them into the model."""
-        from rlhf_ray.engines.weight_sync import receive_weights
+        from rlhf_ray.weight_sync.transport import receive_weights
 
         t0 = time.perf_counter()
         self._rlhf_load(receive_weights(self._rlhf_group, self._rlhf_plan))
@@ -49,30 +50,12 @@ class WeightSyncExtension:
         ``handle`` is ``pickle.dumps(torch.multiprocessing.reductions.reduce_tensor(buffer))``, sent as
         bytes because collective_rpc's serializer does not carry functions.
         """
-        import pickle
+        from rlhf_ray.weight_sync.transport import unpack_ipc
 
-        rebuild, args = pickle.loads(handle)
-        args = list(args)
-        args[6] = torch.cuda.current_device()  # the handle carries the sender's device index
-        flat = rebuild(*args)
-        out, offset = [], 0
-        for name, shape in zip(names, shapes):
-            n = 1
-            for s in shape:
-                n *= int(s)
-            out.append((name, flat[offset:offset + n].view(*shape)))
-            offset += n
+        out = unpack_ipc(names, shapes, handle)
         self._rlhf_load(iter(out))
         self._rlhf_synchronize()
         return len(out)
-
-    def rlhf_weight_checksum(self) -> float:
-        """Sum of all parameters' absolute values (a cheap fingerprint for tests and debugging)."""
-        total = 0.0
-        for p in self._rlhf_model().parameters():
-            if p.numel():
-                total += float(p.detach().float().abs().sum())
-        return total
 
     # ---- helpers --------------------------------------------------------------------------------
     def _rlhf_load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

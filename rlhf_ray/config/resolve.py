@@ -1,0 +1,265 @@
+"""Resolution: the loaded config (never written to) -> the frozen ``Resolved`` description of one run.
+
+Every value a run derives from its config is computed here, once, and read from ``Resolved`` by the job
+front, the loops, the roles and the efficiency report:
+
+- ``paths``: local model, tokenizer and output paths made absolute (Ray workers on other nodes do not
+  share the driver's working directory);
+- ``batch``: sequences per step, per optimizer step (the learners' global batch), optimizer steps per step;
+- ``rl``: the advantage estimator, where pi_old comes from, and where the reference KL goes;
+- ``roles``: which models run (policy, reference, critic, reward model, rollout engines, the offline
+  learner) with their heads, dtypes, workers and devices; ``plan``: the placement they make;
+- ``sync``: the weight-sync backend, bucket size and dtype.
+
+Every check across config sections lives here too, each a ``ConfigError`` naming the key: a config is
+valid when it resolves (``Config.__post_init__`` resolves it once for that). ``accelerator`` says where the
+GPU roles really run. The job front probes the cluster for it (``controller.cluster.probe_accelerator``):
+Ray's logical GPUs on a CPU machine run on the CPU. Without a probe (``rlhf-ray validate``, unit tests),
+the config is taken at its word: GPUs asked for -> CUDA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, Optional
+
+from rlhf_ray.algos.names import GROUP_BASED, NEEDS_CRITIC, REFERENCE_FREE_PREFERENCE_LOSSES
+from rlhf_ray.config.errors import ConfigError
+from rlhf_ray.config.resolved import (COLOCATE, OFFLINE_COLOCATE, POLICY_JOBS, Accelerator, BatchShape, Head,
+                                      LearnerRoleSpec, Paths, RLSettings, RoleSpec, RolloutRoleSpec, Resolved,
+                                      SyncSettings, auto_dtype, request)
+from rlhf_ray.config.schema import RL_JOBS, LearnerConfig, ModelConfig, OptimConfig
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.schema import Config
+
+__all__ = ["COLOCATE", "OFFLINE_COLOCATE", "POLICY_JOBS", "Accelerator", "BatchShape", "Head", "LearnerRoleSpec",
+           "Paths", "RLSettings", "RoleSpec", "RolloutRoleSpec", "Resolved", "SyncSettings", "auto_dtype", "request",
+           "resolve"]
+
+def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolved:
+    """Check ``cfg`` across its sections and derive what the run needs (see the module docstring)."""
+    on_cuda = cfg.learner.gpus_per_worker > 0 and (accelerator or "cuda") == "cuda"
+    accel: Accelerator = "cuda" if on_cuda else "cpu"
+    _check_qlora(cfg)
+    paths = _paths(cfg)
+    if cfg.job in RL_JOBS:
+        batch, rl = _rollout_job_shape(cfg)
+    else:
+        g = cfg.learner.global_batch_size or cfg.learner.micro_batch_size * cfg.learner.num_workers
+        batch, rl = BatchShape(per_step=g, per_update=g, updates_per_step=1), None
+    reference = _reference(cfg)
+    sync = None
+    if cfg.job in POLICY_JOBS:
+        _check_placement(cfg)
+        sync = SyncSettings(_sync_backend(cfg, accel), cfg.rollout.weight_sync_bucket_mb,
+                            auto_dtype(cfg.model.dtype, on_cuda), cfg.rollout.tensor_parallel_size)
+    roles = _roles(cfg, paths, batch, reference, on_cuda)
+    return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles)
+
+
+# ---- paths ----------------------------------------------------------------------------------------
+
+def _absolute(value: Optional[str], must_exist: bool = True) -> Optional[str]:
+    """An existing local path made absolute; hub names, URLs, ``demo:`` sets and missing paths as written."""
+    if not value or value.startswith(("http://", "https://", "demo:")):
+        return value
+    p = Path(value).expanduser()
+    return str(p.resolve()) if (p.exists() or not must_exist) else value
+
+
+def _paths(cfg: "Config") -> Paths:
+    model = _absolute(cfg.model.path)
+    assert model is not None
+    return Paths(model=model, tokenizer=_absolute(cfg.model.tokenizer) or model,
+                 output_dir=str(_absolute(cfg.train.output_dir, must_exist=False)),
+                 reward_model=_absolute(cfg.reward.model), critic_model=_absolute(cfg.critic.model))
+
+
+# ---- batch shape and the RL choices -----------------------------------------------------------------
+
+def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]:
+    """Batch shape of a rollout job, checked, and (ppo / grpo) its RL settings."""
+    a, r, lc = cfg.algo, cfg.rollout, cfg.learner
+    if not cfg.reward.functions and not cfg.reward.model:
+        raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
+                          "and/or reward.model")
+    B = a.prompts_per_step * r.n_samples
+    if B % cfg.reward.num_workers:
+        raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the "
+                          f"{B} sequences of a step (prompts_per_step x n_samples)")
+    if cfg.job in ("online_dpo", "best_of_n") and r.n_samples < 2:
+        raise ConfigError(f"rollout.n_samples: job {cfg.job} compares samples of a prompt; needs >= 2, "
+                          f"got {r.n_samples}")
+    per_pass = lc.micro_batch_size * lc.num_workers
+    if cfg.job == "best_of_n":
+        return BatchShape(per_step=B, per_update=per_pass, updates_per_step=0), None
+    if cfg.job == "online_dpo":
+        if per_pass < a.prompts_per_step:
+            raise ConfigError(f"learner.micro_batch_size: online DPO puts a round's pairs (up to algo.prompts_per_step="
+                              f"{a.prompts_per_step}) in one micro-batch per worker; needs micro_batch_size x "
+                              f"num_workers >= {a.prompts_per_step}, got {per_pass}")
+        if lc.global_batch_size is not None and lc.global_batch_size != per_pass:
+            raise ConfigError("learner.global_batch_size: online DPO takes one optimizer step per round; leave it unset")
+        return BatchShape(per_step=B, per_update=per_pass, updates_per_step=1), None
+    advantage = a.advantage or ("gae" if cfg.job == "ppo" else "grpo")
+    if cfg.job == "ppo" and advantage not in NEEDS_CRITIC:
+        raise ConfigError(f"algo.advantage: job ppo trains a critic for GAE; '{advantage}' is critic-free, "
+                          "use job: grpo for it")
+    if cfg.job == "grpo" and advantage in NEEDS_CRITIC:
+        raise ConfigError("algo.advantage: gae needs a critic; use job: ppo (job grpo runs critic-free estimators)")
+    if advantage in GROUP_BASED and r.n_samples < 2:
+        raise ConfigError(f"rollout.n_samples: algo.advantage={advantage} compares samples of the same prompt; "
+                          f"needs n_samples >= 2, got {r.n_samples}")
+    if B % a.mini_batches:
+        raise ConfigError(f"algo.mini_batches: {a.mini_batches} does not divide the {B} sequences of a step "
+                          f"(prompts_per_step {a.prompts_per_step} x n_samples {r.n_samples})")
+    M = B // a.mini_batches
+    old_logprobs = _old_logprobs(cfg)
+    if lc.global_batch_size is not None and lc.global_batch_size != M:
+        raise ConfigError(f"learner.global_batch_size: RL jobs take one optimizer step per mini-batch of "
+                          f"prompts_per_step x n_samples / mini_batches = {M} sequences; leave it unset "
+                          f"(got {lc.global_batch_size})")
+    critic_workers = cfg.critic.num_workers or lc.num_workers
+    for key, workers in (("learner.num_workers", lc.num_workers), ("critic.num_workers", critic_workers)):
+        if M % (lc.micro_batch_size * workers):
+            raise ConfigError(f"{key}: a mini-batch of {M} sequences (prompts_per_step x n_samples / mini_batches) "
+                              f"must split into {workers} workers x micro-batches of learner.micro_batch_size="
+                              f"{lc.micro_batch_size}")
+    reference = a.uses_reference
+    rl = RLSettings(advantage=advantage, old_logprobs=old_logprobs, kl_in_loss=reference and a.kl_in == "loss",
+                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae")
+    return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
+
+
+def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:
+    """``algo.old_logprobs`` with ``auto`` resolved: the update's own forward pass where that is exact, else a
+    learner pass. The update's forward pass is pi_old only while no optimizer step has moved the policy yet and
+    nothing needs pi_old before the update (the reference KL, in the reward or as a metric for the controller)."""
+    a = cfg.algo
+    update_is_exact = a.mini_batches == 1 and a.ppo_epochs == 1 and not a.uses_reference
+    if a.old_logprobs == "auto":
+        return "update" if update_is_exact else "learner"
+    if a.old_logprobs == "update" and not update_is_exact:
+        raise ConfigError("algo.old_logprobs: update takes pi_old from the update's own forward pass, which is exact "
+                          "only with mini_batches 1, ppo_epochs 1 and no reference model (kl_coef 0, no "
+                          f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
+                          f"kl_coef {a.kl_coef}; use learner")
+    return a.old_logprobs  # type: ignore[return-value]
+
+
+def _reference(cfg: "Config") -> Optional[Literal["precompute", "group"]]:
+    """Whether the job scores against a frozen reference model, and how."""
+    if cfg.job in ("ppo", "grpo"):
+        return "group" if cfg.algo.uses_reference else None
+    if cfg.job == "online_dpo":
+        return None if cfg.dpo.loss in REFERENCE_FREE_PREFERENCE_LOSSES else "group"
+    if cfg.job == "dpo":
+        return None if cfg.dpo.loss in REFERENCE_FREE_PREFERENCE_LOSSES else cfg.dpo.reference
+    if cfg.job == "kto":
+        return cfg.kto.reference
+    return None
+
+
+# ---- roles ----------------------------------------------------------------------------------------
+
+def _roles(cfg: "Config", paths: Paths, batch: BatchShape, reference: Optional[str],
+           on_cuda: bool) -> tuple[RoleSpec, ...]:
+    """The job's roles in placement-request order: the policy, reference, critic, reward model, engines."""
+    lc, tc = cfg.learner, cfg.train
+    model = dataclasses.replace(cfg.model, path=paths.model, tokenizer=paths.tokenizer)
+
+    def learner(name: str, placement_role: str, model_cfg: ModelConfig, learner_cfg: LearnerConfig, head: str,
+                trainable: bool, optim: OptimConfig = cfg.optim) -> LearnerRoleSpec:
+        gpus = learner_cfg.gpus_per_worker
+        return LearnerRoleSpec(name, placement_role, model_cfg, learner_cfg, optim, head,  # type: ignore[arg-type]
+                               trainable, gpus, learner_cfg.cpus_per_worker,
+                               auto_dtype(cfg.model.dtype, on_cuda and gpus > 0), tc.seed)
+
+    policy_lc = dataclasses.replace(lc, global_batch_size=batch.per_update)
+    if cfg.job not in RL_JOBS:
+        head = "sequence_score" if cfg.job == "rm" else "causal_lm"
+        roles: list[RoleSpec] = [learner("learner", "learner", model, policy_lc, head, True)]
+        if reference == "group":
+            roles.append(learner("reference", "reference", model, policy_lc, head, False))
+        return tuple(roles)
+    roles = []
+    if cfg.job in POLICY_JOBS:
+        roles.append(learner("actor", "actor", model, policy_lc, "causal_lm", True))
+    if reference == "group":
+        roles.append(learner("reference", "reference", model, policy_lc, "causal_lm", False))
+    if cfg.job == "ppo":
+        critic_model = dataclasses.replace(model, path=paths.critic_model or paths.model)
+        critic_lc = dataclasses.replace(policy_lc, num_workers=cfg.critic.num_workers or lc.num_workers)
+        critic_optim = dataclasses.replace(cfg.optim, lr=cfg.critic.lr, warmup_steps=cfg.critic.warmup_steps)
+        roles.append(learner("critic", "critic", critic_model, critic_lc, "token_value", True, critic_optim))
+    if paths.reward_model:
+        r = cfg.reward
+        rm_model = dataclasses.replace(cfg.model, path=paths.reward_model, tokenizer=None,
+                                       lora=dataclasses.replace(cfg.model.lora, enabled=False, load_in_4bit=False))
+        rm_lc = dataclasses.replace(lc, num_workers=r.num_workers, gpus_per_worker=r.gpus_per_worker,
+                                    global_batch_size=lc.micro_batch_size * r.num_workers,
+                                    zero_stage=0 if lc.zero_stage < 3 else 3)
+        roles.append(learner("reward_model", "reward", rm_model, rm_lc, "sequence_score", False))
+    ro = cfg.rollout
+    engine_gpus = float(ro.tensor_parallel_size) if lc.gpus_per_worker > 0 else 0.0
+    roles.append(RolloutRoleSpec(
+        model_path=paths.model, tokenizer_path=paths.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
+        rollout=ro, dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=cfg.placement.mode == "hybrid",
+        max_model_len=ro.max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens, gpus=engine_gpus,
+        cpus=ro.cpus_per_engine, seed=tc.seed))
+    return tuple(roles)
+
+
+# ---- checks across sections -------------------------------------------------------------------------
+
+def _check_qlora(cfg: "Config") -> None:
+    """QLoRA (``model.lora.load_in_4bit``) needs LoRA on, bitsandbytes, and parameters ZeRO does not partition."""
+    if not cfg.model.lora.load_in_4bit:
+        return
+    if not cfg.model.lora.enabled:
+        raise ConfigError("model.lora.load_in_4bit: QLoRA trains LoRA adapters on the 4-bit base; set "
+                          "model.lora.enabled=true (or load_in_4bit=false)")
+    if cfg.learner.zero_stage == 3:
+        raise ConfigError("learner.zero_stage: ZeRO-3 partitions parameters, which bitsandbytes' packed 4-bit "
+                          "weights do not support; use zero_stage 0-2 with model.lora.load_in_4bit")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError("model.lora.load_in_4bit: needs bitsandbytes (pip install bitsandbytes)")
+
+
+def _check_placement(cfg: "Config") -> None:
+    """What hybrid placement and the CUDA-IPC sync need of the engines and the learners."""
+    r, lc = cfg.rollout, cfg.learner
+    if cfg.placement.mode == "hybrid":
+        if r.tensor_parallel_size != 1:
+            raise ConfigError("rollout.tensor_parallel_size: hybrid placement puts one engine on each learner GPU; "
+                              "it needs tensor_parallel_size 1 (use placement.mode separate or shared for TP)")
+        if r.num_engines != lc.num_workers:
+            raise ConfigError(f"rollout.num_engines: hybrid placement needs one engine per learner GPU "
+                              f"({lc.num_workers}), got {r.num_engines}")
+        # While vLLM generates, the learners move their training state to host memory with DeepSpeed's
+        # offload_states, which only ZeRO's optimizers offer, and not for parameters ZeRO-3 already offloads.
+        if lc.zero_stage == 0:
+            raise ConfigError("learner.zero_stage: hybrid placement offloads the learners' optimizer state while "
+                              "vLLM generates, which DeepSpeed does for ZeRO stages 1-3 only; use zero_stage 1-3")
+        if lc.zero_stage == 3 and lc.offload:
+            raise ConfigError("learner.offload: with ZeRO-3 it keeps parameters in host memory, which DeepSpeed "
+                              "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
+    if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
+        raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")
+
+
+def _sync_backend(cfg: "Config", accelerator: Accelerator) -> Literal["gloo", "nccl", "ipc"]:
+    """``rollout.weight_sync_backend`` resolved: auto is CUDA IPC when the engines share the policy's GPUs
+    (hybrid), NCCL to engines on other GPUs, gloo on CPU; NCCL and IPC need CUDA learners."""
+    wanted = cfg.rollout.weight_sync_backend
+    if wanted == "auto":
+        if accelerator == "cpu":
+            return "gloo"
+        return "ipc" if cfg.placement.mode == "hybrid" else "nccl"
+    if wanted in ("nccl", "ipc") and accelerator == "cpu":
+        raise ConfigError(f"rollout.weight_sync_backend: {wanted} needs CUDA learners; these run on CPU "
+                          "(use auto or gloo)")
+    return wanted

@@ -1,0 +1,187 @@
+"""What every job's loop shares: the schedule, the epoch order over its data, checkpoints, metrics, ``run``.
+
+``TrainLoop.run`` is the whole life of a run: resume -> before_run -> for each step: ``step`` -> evaluate when
+due -> log -> checkpoint when due -> final evaluation -> final checkpoint and ``final/``. The subclasses say
+what one step is: ``RLLoop`` (rollouts, PPO / GRPO / REINFORCE family), ``OnlineDPOLoop`` and ``OfflineLoop``
+(SFT, reward model, DPO, KTO).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rlhf_ray.checkpoint import CheckpointDir, publish_final
+from rlhf_ray.config import ConfigError, to_dict
+from rlhf_ray.config.schema import RL_JOBS
+from rlhf_ray.data.batching import iter_epoch_batches
+from rlhf_ray.metrics import MetricsLogger
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import Resolved
+    from rlhf_ray.controller.launch import Roles
+    from rlhf_ray.controller.roles import LearnerRole
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How a run walks its data: items (prompts or examples) per step, steps per epoch and in all."""
+
+    items_per_step: int
+    steps_per_epoch: int
+    total_steps: int
+    optimizer_steps: int
+    """What the learners' LR schedule spans (RL: total_steps x optimizer steps per step)."""
+
+
+def make_schedule(resolved: "Resolved", n_items: int) -> Schedule:
+    """The run's schedule over ``n_items`` training items, checked before any actor starts."""
+    cfg = resolved.config
+    if cfg.job in RL_JOBS:  # rollout jobs walk prompts
+        per_step = cfg.algo.prompts_per_step
+        if n_items < per_step:
+            raise ConfigError(f"algo.prompts_per_step: {per_step} is more than the {n_items} prompts")
+        total = cfg.algo.total_steps
+        return Schedule(per_step, n_items // per_step, total, total * resolved.batch.updates_per_step)
+    G = resolved.batch.per_update
+    if n_items < G:
+        raise ConfigError(f"learner.global_batch_size: {G} is larger than the data set ({n_items} examples)")
+    per_epoch = n_items // G
+    if n_items % G:
+        log.info("%d examples per epoch do not fill a global batch and are left out of that epoch "
+                 "(a different set each epoch when shuffling)", n_items % G)
+    # max_steps overrides epochs (and may run past them; later epochs reshuffle).
+    total = cfg.train.max_steps if cfg.train.max_steps is not None else per_epoch * cfg.train.epochs
+    return Schedule(G, per_epoch, total, total)
+
+
+class EpochOrder:
+    """The items of each step: epochs over the data, reshuffled per epoch from (seed, epoch)."""
+
+    def __init__(self, n_items: int, schedule: Schedule, seed: int, shuffle: bool):
+        self.n_items, self.schedule, self.seed, self.shuffle = n_items, schedule, seed, shuffle
+        self._cache: tuple[int, list[list[int]]] = (-1, [])
+
+    def position(self, step: int) -> tuple[int, int]:
+        """(epoch, batch within the epoch) of ``step``."""
+        return divmod(step, self.schedule.steps_per_epoch)
+
+    def batch(self, step: int) -> list[int]:
+        """Indices of the items of ``step``."""
+        epoch, pos = self.position(step)
+        if self._cache[0] != epoch:
+            self._cache = (epoch, list(iter_epoch_batches(self.n_items, self.schedule.items_per_step, self.seed,
+                                                          epoch, self.shuffle)))
+        return self._cache[1][pos]
+
+
+class TrainLoop:
+    """A run's shared state (resolved config, roles, schedule, checkpoints) and its life (``run``)."""
+
+    name: str = "train"
+
+    def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, n_items: int, output_dir: Path):
+        cfg = resolved.config
+        self.resolved, self.cfg, self.roles, self.schedule = resolved, cfg, roles, schedule
+        self.output_dir = output_dir
+        self.order = EpochOrder(n_items, schedule, cfg.train.seed, cfg.data.shuffle)
+        self.ckpt = CheckpointDir(output_dir, keep=cfg.train.keep_checkpoints)
+        self.policy: "LearnerRole" = roles.actor or roles.learner  # type: ignore[assignment]
+        # The efficiency report: every phase beside its floor on the device measured here, once per run.
+        self.calibration = self.policy.calibrate()
+
+    # ---- what a subclass says ---------------------------------------------------------------------
+    def step(self, step: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def has_eval(self) -> bool:
+        """Whether the run has held-out data to evaluate on."""
+        return False
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics."""
+        return {}
+
+    def eval_due(self, step: int) -> bool:
+        """Whether to evaluate after ``step`` (0-based) completed: every ``train.eval_every`` steps."""
+        every = self.cfg.train.eval_every
+        return self.has_eval() and bool(every) and (step + 1) % every == 0
+
+    def final_eval_due(self) -> bool:
+        """Whether to evaluate once more at the end (RL: when evaluating at all)."""
+        return self.has_eval() and bool(self.cfg.train.eval_every)
+
+    def before_run(self, start: int) -> dict[str, float]:
+        """Anything to do (and log at ``start``) before the first step; returns metrics to log, or {}."""
+        return {}
+
+    def state_roles(self) -> dict[str, "LearnerRole"]:
+        """The groups whose training state a checkpoint holds, by sub-directory ("" = the step directory)."""
+        return {"": self.policy}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Loop state beyond the learners' (e.g. the adaptive KL controller), kept in trainer_state.json."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # ---- checkpoints --------------------------------------------------------------------------------
+    def save(self, step: int) -> Path:
+        """Checkpoint ``step``: every trained group's state, the policy as an HF model, trainer_state.json."""
+        staging = self.ckpt.staging(step)
+        for sub, role in self.state_roles().items():
+            role.save(str(staging / sub), {"step": step})
+        self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
+        epoch, pos = self.order.position(step)
+        return self.ckpt.finalize(step, {"step": step, "epoch": epoch, "batch_in_epoch": pos, "job": self.cfg.job,
+                                         **self.extra_state()})
+
+    def resume(self) -> int:
+        """Load the latest checkpoint when ``train.resume``; returns the step to continue from."""
+        latest = self.ckpt.latest() if self.cfg.train.resume else None
+        if latest is None:
+            return 0
+        for sub, role in self.state_roles().items():
+            role.load(str(latest / sub))
+        state = CheckpointDir.read_state(latest)
+        self.load_extra_state(state)
+        log.info("resumed from %s at step %d", latest, state["step"])
+        return int(state["step"])
+
+    # ---- the run ------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Train from the latest checkpoint (or step 0) to ``total_steps``; returns paths and the last metrics."""
+        cfg, tc, total = self.cfg, self.cfg.train, self.schedule.total_steps
+        start = self.resume()
+        logged = {**to_dict(cfg), "resolved": self.resolved.to_dict()}
+        logger = MetricsLogger(cfg.logging, self.output_dir, total, logged, start, job=self.name)
+        last: dict[str, float] = {}
+        initial: dict[str, float] = {}
+        try:
+            initial = self.before_run(start)
+            if initial:
+                logger.log(0, initial)
+            for step in range(start, total):
+                metrics = self.step(step)
+                if self.eval_due(step):
+                    metrics.update(self.evaluate())
+                logger.log(step + 1, metrics)
+                last = metrics
+                if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < total:
+                    self.save(step + 1)
+            if self.final_eval_due():
+                last.update(self.evaluate())
+            latest = self.ckpt.latest()
+            final_ckpt = self.save(total) if total > start or latest is None else latest
+        finally:
+            logger.close()
+        final = publish_final(final_ckpt / "model", self.output_dir)
+        result = {"output_dir": str(self.output_dir), "final_model": str(final), "steps": total, "metrics": last}
+        if initial:
+            result["initial_eval"] = initial
+        return result

@@ -1,0 +1,124 @@
+"""What the rollout loops (``RLLoop``, ``OnlineDPOLoop``) share: prompts, generation, scoring, weight sync,
+hybrid memory moves, evaluation and the efficiency report of a step."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from rlhf_ray.controller.loop import Schedule, TrainLoop
+from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
+from rlhf_ray.controller.rl_metrics import rollout_metrics
+from rlhf_ray.efficiency import ModelShape, efficiency_metrics, rl_step_counts
+from rlhf_ray.engines.rollout_engine import SamplingSpec
+from rlhf_ray.metrics import PhaseTimer
+from rlhf_ray.weight_sync.channel import SyncChannel
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import Resolved
+    from rlhf_ray.controller.launch import Roles
+    from rlhf_ray.controller.roles import LearnerRole
+    from rlhf_ray.data.prompts import PromptSet
+
+
+class RolloutLoop(TrainLoop):
+    """A loop whose steps start from fresh samples of the current policy (vLLM engines)."""
+
+    def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, prompts: "PromptSet",
+                 eval_prompts: Optional["PromptSet"], tokenizer, output_dir: Path):
+        super().__init__(resolved, roles, schedule, len(prompts), output_dir)
+        self.prompts, self.eval_prompts, self.tokenizer = prompts, eval_prompts, tokenizer
+        self.spec = SamplingSpec.from_config(self.cfg.rollout)
+        self.scorer = RewardScorer.from_resolved(resolved, roles.reward_model, tokenizer)
+        paths = resolved.paths
+        self.shapes = {"policy": ModelShape.from_hf_config(paths.model),
+                       "critic": (ModelShape.from_hf_config(paths.critic_model or paths.model, head="token_value")
+                                  if roles.critic is not None else None),
+                       "reward_model": (ModelShape.from_hf_config(paths.reward_model, head="sequence_score")
+                                        if roles.reward_model is not None else None)}
+        self.hybrid = resolved.swaps_memory
+        assert resolved.sync is not None
+        self.channel = SyncChannel(self.policy, roles.rollout, resolved.sync, self.cfg.train.timeout_s)
+        self.channel.open()
+
+    def state_roles(self) -> dict[str, "LearnerRole"]:
+        roles = {"actor": self.policy}
+        if self.roles.critic is not None:
+            roles["critic"] = self.roles.critic
+        return roles
+
+    def before_run(self, start: int) -> dict[str, float]:
+        if start or self.cfg.model.lora.load_in_4bit:
+            # The engines loaded model.path. A resumed policy is another model, and so is a QLoRA one (its base
+            # is the 4-bit rounding of those weights): give the engines its weights before the first rollout.
+            self.sync_weights()
+        elif self.hybrid:  # engines asleep since start-up (launch.Roles.start): learners make room, engines wake
+            for role in self.roles.learners():
+                role.offload()
+            self.roles.rollout.wake_up()
+        return {}
+
+    # ---- pieces of a step ---------------------------------------------------------------------------
+    def prompt_batch(self, step: int) -> list:
+        """The prompts of ``step`` (epochs over the prompt set, reshuffled per epoch)."""
+        return [self.prompts[i] for i in self.order.batch(step)]
+
+    def generate(self, prompts: list, timer: PhaseTimer) -> tuple[Any, Any, list]:
+        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
+        the raw generations, and each sequence's prompt example."""
+        with timer("generate"):
+            batch, gens = self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
+                                                      self.tokenizer.pad_token_id)
+        if self.hybrid:
+            with timer("sleep_wake"):
+                self.roles.rollout.sleep()
+                for role in self.roles.learners():
+                    role.reload()
+        return batch, gens, attach_prompts(batch, prompts)
+
+    def score(self, batch, rows: list, timer: PhaseTimer) -> dict[str, float]:
+        """Fill ``batch.rewards`` (reward functions here, the reward model on its group); returns reward metrics."""
+        with timer("reward"):
+            return score_batch(self.scorer, batch, rows)
+
+    def sync_weights(self) -> dict[str, float]:
+        """Policy -> engines. In hybrid mode the engines wake their weights first and their KV cache after."""
+        if self.hybrid:
+            self.roles.rollout.wake_up(["weights"])
+        result = self.channel.push()
+        if self.hybrid:
+            for role in self.roles.learners():
+                role.offload()
+            self.roles.rollout.wake_up(["kv_cache"])
+        return result
+
+    def finish_metrics(self, metrics: dict[str, float], timer: PhaseTimer, batch, gens, sync: dict[str, float],
+                       t_step: float) -> dict[str, float]:
+        """Add rollout statistics, phase timings, throughput and the efficiency report of the step from ``t_step``."""
+        metrics.update(rollout_metrics(batch, gens, sync))
+        metrics.update(timer.pop())
+        metrics["timing/step_s"] = time.perf_counter() - t_step
+        metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
+        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
+        sh = self.shapes
+        trainable = self.policy.trainable_params if self.cfg.model.lora.enabled else None
+        counts = rl_step_counts(batch, self.resolved, metrics.get("weight_sync/bytes", 0.0), sh["policy"],
+                                sh["critic"], sh["reward_model"], trainable)
+        metrics.update(efficiency_metrics(metrics, counts, sh["policy"], self.calibration, sh["critic"],
+                                          sh["reward_model"]))
+        return metrics
+
+    # ---- evaluation ---------------------------------------------------------------------------------
+    def has_eval(self) -> bool:
+        return self.eval_prompts is not None
+
+    def evaluate(self) -> dict[str, float]:
+        """Mean reward of one greedy response per held-out prompt (``data.eval_fraction`` / ``eval_path``)."""
+        prompts = list(self.eval_prompts)
+        spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
+        batch, _ = self.roles.rollout.generate([p.prompt_ids for p in prompts], spec, self.tokenizer.pad_token_id)
+        score_batch(self.scorer, batch, attach_prompts(batch, prompts))
+        return {"eval/reward_mean": float(batch.rewards.mean()),
+                "eval/response_length_mean": float(batch.response_lengths.mean())}

@@ -1,0 +1,165 @@
+"""The RL jobs' learner specs: the policy loss (PPO / REINFORCE family), the critic's value loss and values.
+
+Glue only: forward pass -> per-token quantities -> the pure functions of ``rlhf_ray.algos`` -> one scaled
+scalar (see ``objectives.common`` for the scaling). Micro-batches are ``RolloutBatch.tensors(...)`` slices:
+``input_ids`` / ``attention_mask`` (B, T) and per-token fields (B, T-1) aligned with ``input_ids[:, 1:]``.
+Each spec's ``fields`` says which of them the controller must ship.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+
+from rlhf_ray.algos.aggregation import agg_loss
+from rlhf_ray.algos.kl import kl_penalty
+from rlhf_ray.algos.logprobs import entropy_from_logits, gather_token_logprobs
+from rlhf_ray.algos.policy_loss import get_policy_loss, truncated_importance_weights, value_loss
+from rlhf_ray.objectives.common import SEQUENCE_FIELDS, BatchTotals, causal_lm_logits
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.resolve import Resolved
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """Policy-gradient loss of one micro-batch.
+
+    per-token loss = w_t * L_pg(logp_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
+    aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. w_t = min(exp(old_t - rollout_t),
+    importance_cap) corrects for the engine's sampling distribution differing from the learner's (None: w = 1);
+    the KL term is present only when the reference KL goes into the loss (``kl_in_loss``).
+
+    ``old_from_update`` (``algo.old_logprobs: update``): old_t = logp_t detached, this forward pass being the
+    first of the step's only optimizer step (ratio 1, gradient A_t * grad logp_t); the micro-batch then
+    carries no ``old_logprobs``, and ``old_rollout_absdiff_sum`` = sum |old_t - rollout_t| reports the
+    learner-vs-vLLM gap a separate pi_old pass would have.
+    """
+
+    policy_loss: str
+    clip_low: float
+    clip_high: float
+    dual_clip: Optional[float]
+    loss_agg: str
+    temperature: float
+    entropy_coef: float
+    kl_estimator: str
+    kl_in_loss: bool
+    importance_cap: Optional[float]
+    old_from_update: bool
+    kl_coef: float = 0.0
+    """This step's coefficient (the adaptive controller moves it): ``with_kl_coef`` per step."""
+
+    @classmethod
+    def from_resolved(cls, resolved: "Resolved") -> "PolicyLoss":
+        """The policy loss the config asks for; ``kl_coef`` is set per step."""
+        a, rl = resolved.config.algo, resolved.rl
+        assert rl is not None, "the policy loss belongs to jobs ppo and grpo"
+        return cls(policy_loss=a.policy_loss, clip_low=a.clip_ratio_low, clip_high=a.clip_ratio_high,
+                   dual_clip=a.dual_clip, loss_agg=a.loss_agg, temperature=resolved.config.rollout.temperature,
+                   entropy_coef=a.entropy_coef, kl_estimator=a.kl_estimator, kl_in_loss=rl.kl_in_loss,
+                   # With pi_old from the rollout engine itself, w_t = 1 by definition.
+                   importance_cap=a.importance_cap if rl.old_logprobs in ("learner", "update") else None,
+                   old_from_update=rl.old_logprobs == "update")
+
+    def with_kl_coef(self, kl_coef: float) -> "PolicyLoss":
+        """This spec with the step's KL coefficient (0 when the KL is not in the loss)."""
+        return dataclasses.replace(self, kl_coef=kl_coef if self.kl_in_loss else 0.0)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The ``RolloutBatch`` fields this loss reads."""
+        out = SEQUENCE_FIELDS + ("action_mask", "advantages")
+        if not self.old_from_update:
+            out += ("old_logprobs",)
+        if self.old_from_update or self.importance_cap is not None:
+            out += ("rollout_logprobs",)
+        if self.kl_in_loss:
+            out += ("ref_logprobs",)
+        return out
+
+    def __call__(self, model: torch.nn.Module, mb: dict[str, torch.Tensor], totals: BatchTotals):
+        logits = causal_lm_logits(model, mb)[:, :-1].float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logp = gather_token_logprobs(logits, mb["input_ids"][:, 1:])
+        mask = mb["action_mask"].float()
+        old = logp.detach() if self.old_from_update else mb["old_logprobs"]
+        pg_mat, clipped = get_policy_loss(self.policy_loss)(logp, old, mb["advantages"], self.clip_low,
+                                                            self.clip_high, self.dual_clip)
+        if self.importance_cap is not None:
+            pg_mat = pg_mat * truncated_importance_weights(old, mb["rollout_logprobs"], self.importance_cap)
+        total = pg_mat
+        metrics: dict[str, float] = {}
+        if self.old_from_update:
+            metrics["old_rollout_absdiff_sum"] = float(((old - mb["rollout_logprobs"]).abs() * mask).sum())
+        if self.kl_coef > 0:
+            kl = kl_penalty(logp, mb["ref_logprobs"], self.kl_estimator)
+            total = total + self.kl_coef * kl
+            metrics["kl_sum"] = float((kl.detach() * mask).sum())
+        if self.entropy_coef > 0:
+            entropy = entropy_from_logits(logits)
+            total = total - self.entropy_coef * entropy
+        else:
+            with torch.no_grad():
+                entropy = entropy_from_logits(logits.detach())
+        loss = agg_loss(total, mask, self.loss_agg, totals.tokens, totals.sequences, totals.horizon)
+        with torch.no_grad():
+            log_ratio = logp.detach() - old
+            metrics.update({
+                "pg_loss_sum": float((pg_mat.detach() * mask).sum()),
+                "clipped_sum": float((clipped * mask).sum()),
+                "entropy_sum": float((entropy.detach() * mask).sum()),
+                # 0.5 * E[(log pi - log pi_old)^2]: how far this epoch's updates moved the policy.
+                "approx_kl_sum": float((0.5 * log_ratio ** 2 * mask).sum()),
+                "action_tokens": float(mask.sum()),
+            })
+        return loss * totals.grad_scale, metrics
+
+
+def token_values(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Critic values (B, T-1): V at position t scores the state before token t+1 is generated.
+
+    The critic is a ``*ForTokenClassification`` model with one label: logits (B, T, 1).
+    """
+    out = model(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+    return out.logits[..., 0][:, :-1].float()
+
+
+@dataclass(frozen=True)
+class TokenValues:
+    """Critic values (B, T-1) for the advantage estimate."""
+
+    fields: ClassVar[tuple[str, ...]] = SEQUENCE_FIELDS
+
+    def __call__(self, model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        return token_values(model, mb)
+
+
+@dataclass(frozen=True)
+class ValueLoss:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_old + clip(V - V_old, -c, c) - R)^2), aggregated like the policy."""
+
+    value_clip: Optional[float]
+    loss_agg: str
+    fields: ClassVar[tuple[str, ...]] = SEQUENCE_FIELDS + ("action_mask", "values", "returns")
+
+    @classmethod
+    def from_resolved(cls, resolved: "Resolved") -> "ValueLoss":
+        a = resolved.config.algo
+        return cls(value_clip=a.value_clip, loss_agg=a.loss_agg)
+
+    def __call__(self, model: torch.nn.Module, mb: dict[str, torch.Tensor], totals: BatchTotals):
+        values = token_values(model, mb)
+        mask = mb["action_mask"].float()
+        loss_mat, clipped = value_loss(values, mb["values"], mb["returns"], self.value_clip)
+        loss = agg_loss(loss_mat, mask, self.loss_agg, totals.tokens, totals.sequences, totals.horizon)
+        with torch.no_grad():
+            metrics = {"value_loss_sum": float((loss_mat.detach() * mask).sum()),
+                       "value_clipped_sum": float((clipped * mask).sum()),
+                       "values_sum": float((values.detach() * mask).sum()),
+                       "action_tokens": float(mask.sum())}
+        return loss * totals.grad_scale, metrics
