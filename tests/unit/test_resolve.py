@@ -1,0 +1,83 @@
+"""The resolved config: derived once, never written into the user's config, recorded in config.yaml; the name
+tables config and algos share agree with the algorithm registries."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rlhf_ray.config import ConfigError, load_config, resolve, save_config, to_dict
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+def test_resolving_writes_nothing_into_the_config(example):
+    cfg = load_config(EXAMPLES / example, ["model.path=m"])
+    before = to_dict(cfg)
+    resolved = resolve(cfg)
+    assert to_dict(cfg) == before
+    # What the loaders left unset stays unset: the derived values live in Resolved only.
+    assert cfg.learner.global_batch_size == before["learner"]["global_batch_size"]
+    assert resolved.policy.learner.global_batch_size == resolved.batch.per_update if resolved.job != "best_of_n" \
+        else resolved.role("rollout") is not None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolved.batch.per_step = 1  # type: ignore[misc]
+
+
+def test_config_yaml_records_given_and_resolved_and_loads_back(tmp_path):
+    cfg = load_config(values={"job": "grpo", "model.path": "m", "reward.functions": ["builtin:math"],
+                              "algo.mini_batches": 2})
+    resolved = resolve(cfg, "cpu")
+    save_config(cfg, tmp_path / "config.yaml", resolved)
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert data["algo"]["advantage"] is None and data["learner"]["global_batch_size"] is None  # as given
+    r = data["resolved"]
+    assert r["rl"]["advantage"] == "grpo" and r["rl"]["old_logprobs"] == "learner"
+    assert r["batch"]["per_update"] == cfg.algo.prompts_per_step * cfg.rollout.n_samples // 2
+    assert r["sync"]["backend"] == "gloo" and r["accelerator"] == "cpu"
+    assert set(r["roles"]) == {"actor", "rollout"}
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+def test_sync_backend_is_chosen_at_resolution():
+    values = {"job": "grpo", "model.path": "m", "reward.functions": ["builtin:math"], "learner.gpus_per_worker": 1}
+    cfg = load_config(values=values)
+    assert resolve(cfg, "cuda").sync.backend == "nccl" and resolve(cfg, "cpu").sync.backend == "gloo"
+    assert resolve(cfg, "cpu").policy.dtype == "float32" and resolve(cfg, "cuda").policy.dtype == "bfloat16"
+    nccl = load_config(values={**values, "rollout.weight_sync_backend": "nccl"})
+    with pytest.raises(ConfigError, match="rollout.weight_sync_backend: nccl needs CUDA learners"):
+        resolve(nccl, "cpu")
+
+
+def test_config_and_name_tables_import_without_torch():
+    code = ("import sys, rlhf_ray.config, rlhf_ray.algos.names; "
+            "sys.exit(1 if 'torch' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_name_tables_match_the_registries():
+    import typing
+
+    from rlhf_ray.algos import names
+    from rlhf_ray.algos.advantages import ADVANTAGES
+    from rlhf_ray.algos.kl import KL_ESTIMATORS
+    from rlhf_ray.algos.policy_loss import POLICY_LOSSES
+    from rlhf_ray.algos.preference import PREFERENCE_LOSSES
+    from rlhf_ray.config.job_sections import AlgoConfig, DPOConfig
+
+    assert set(ADVANTAGES) == set(names.ADVANTAGE_ESTIMATORS) >= names.GROUP_BASED | names.NEEDS_CRITIC
+    assert set(POLICY_LOSSES) == set(names.POLICY_LOSS_NAMES)
+    assert set(KL_ESTIMATORS) == set(names.KL_ESTIMATOR_NAMES)
+    assert set(PREFERENCE_LOSSES) == set(names.PREFERENCE_LOSS_NAMES)
+    assert {n for n, loss in PREFERENCE_LOSSES.items() if not loss.uses_reference} == \
+        names.REFERENCE_FREE_PREFERENCE_LOSSES
+    hints = typing.get_type_hints(AlgoConfig)
+    assert typing.get_args(typing.get_args(hints["advantage"])[0]) == names.ADVANTAGE_ESTIMATORS
+    assert typing.get_args(typing.get_type_hints(DPOConfig)["loss"]) == names.PREFERENCE_LOSS_NAMES
