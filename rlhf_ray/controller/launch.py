@@ -68,6 +68,7 @@ class Roles:
     timeout_s: float
     pools: dict[str, Any] = field(default_factory=dict)
     started: dict[str, Role] = field(default_factory=dict)
+    specs: dict[str, "RoleSpec"] = field(default_factory=dict)
     groups: list[WorkerGroup] = field(default_factory=list)
     """Every group created, ready or not (what teardown kills)."""
 
@@ -108,6 +109,7 @@ class Roles:
                       num_cpus=spec.cpus, env_vars=_env(spec.gpus, learner)),
             self.pools[plan.role_pool[spec.placement_role]], list(range(spec.num_workers)), self.timeout_s)
         self.groups.append(group)
+        self.specs[spec.name] = spec
         if learner:
             master = group.call_rank0(LearnerWorker.rendezvous)
             refs = group.async_all(LearnerWorker.setup, master, spec, total_steps, self.timeout_s)
@@ -122,7 +124,7 @@ class Roles:
         for group in self.groups:
             group.kill()
         remove_pools(self.pools)
-        self.groups, self.pools, self.started = [], {}, {}
+        self.groups, self.pools, self.started, self.specs = [], {}, {}, {}
 
     # ---- lookup -------------------------------------------------------------------------------------
     def get(self, name: str) -> Optional[Role]:
@@ -160,7 +162,7 @@ class Roles:
         """Per role, where each rank landed (node, GPU ids, pool, bundle): written to ``placement.json``."""
         out = {}
         for name, role in self.started.items():
-            pool = self.plan.role_pool["reward" if name == "reward_model" else name]
+            pool = self.plan.role_pool[self.specs[name].placement_role]
             out[name] = [{"rank": i, "node": f.get("node"), "node_id": f.get("node_id"), "gpu_ids": f.get("gpu_ids"),
                           "pid": f.get("pid"), "pool": pool, "bundle": i} for i, f in enumerate(role.group.facts)]
         return out
