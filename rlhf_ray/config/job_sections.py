@@ -138,6 +138,7 @@ class RewardConfig:
         _check(not self.weights or len(self.weights) == len(self.functions), "weights",
                f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
 
 
 @dataclass

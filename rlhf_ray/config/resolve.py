@@ -86,6 +86,9 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
     if not cfg.reward.functions and not cfg.reward.model:
         raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
                           "and/or reward.model")
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: job {cfg.job} samples several responses and the learners score "
+                          f"them at logits / temperature; needs a temperature > 0, got {r.temperature}")
     B = a.prompts_per_step * r.n_samples
     if B % cfg.reward.num_workers:
         raise ConfigError(f"reward.num_workers: {cfg.reward.num_workers} does not divide the "

@@ -139,7 +139,7 @@ class TrainLoop:
         self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
         epoch, pos = self.order.position(step)
         return self.ckpt.finalize(step, {"step": step, "epoch": epoch, "batch_in_epoch": pos, "job": self.cfg.job,
-                                         **self.extra_state()})
+                                         "model": self.resolved.paths.model, **self.extra_state()})
 
     def resume(self) -> int:
         """Load the latest checkpoint when ``train.resume``; returns the step to continue from."""

@@ -11,6 +11,7 @@ import copy
 import datetime
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -244,9 +245,13 @@ class LearnerEngine:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n_tokens = 0
-        for mb in micro_batches:
+        for i, mb in enumerate(micro_batches):
             mb = self.to_device(mb)
             loss, metrics = objective(self.engine, mb, totals)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite loss ({float(loss)}) on micro-batch {i} of optimizer step {self.step + 1}; "
+                    "stopped before it reached the weights")
             self.engine.backward(loss)
             self.engine.step()
             for k, v in metrics.items():
@@ -254,6 +259,10 @@ class LearnerEngine:
             n_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else 0
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise FloatingPointError(
+                f"non-finite gradient norm ({float(grad_norm)}) at optimizer step {self.step}; the update reached "
+                "this learner's weights, so the run stops before they reach the rollout engines or a checkpoint")
         out = {k: v for k, v in sums.items()}
         out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         out["lr"] = float(self.scheduler.get_last_lr()[0])
@@ -297,7 +306,7 @@ class LearnerEngine:
         if client_state is None:
             raise RuntimeError(f"checkpoint {d} has no DeepSpeed state (expected {d / 'deepspeed' / 'state'})")
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        rng = torch.load(d / f"rng_rank{rank}.pt", weights_only=False)
+        rng = torch.load(d / f"rng_rank{rank}.pt", weights_only=True)  # tuples, ints and tensors only
         random.setstate(rng["python"])
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():

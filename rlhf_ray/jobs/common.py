@@ -52,13 +52,26 @@ def load_tokenizer(resolved: "Resolved"):
 
 
 def check_output_dir(resolved: "Resolved") -> None:
-    """Refuse to clobber another run in ``train.output_dir`` unless resuming or told to overwrite (no writes)."""
-    tc, out = resolved.config.train, Path(resolved.paths.output_dir)
+    """Refuse to clobber another run in ``train.output_dir`` unless resuming or told to overwrite, and to resume
+    another job's checkpoint (no writes)."""
+    from rlhf_ray.checkpoint import CheckpointDir
+
+    cfg, out = resolved.config, Path(resolved.paths.output_dir)
+    tc = cfg.train
     has_run = (out / "metrics.jsonl").exists() or (out / "checkpoints").exists()
     if has_run and not tc.resume and not tc.overwrite:
         raise ConfigError(
             f"train.output_dir: {out} already holds a run. Set train.resume=true to continue it, "
             "train.overwrite=true to start over there, or pick another output_dir.")
+    latest = CheckpointDir(out).latest() if tc.resume else None
+    if latest is not None:
+        state = CheckpointDir.read_state(latest)
+        if state.get("job", cfg.job) != cfg.job:
+            raise ConfigError(f"train.resume: the latest checkpoint in {out} ({latest.name}) is of job "
+                              f"{state['job']}, not {cfg.job}; pick another train.output_dir")
+        if state.get("model", resolved.paths.model) != resolved.paths.model:
+            log.warning("resuming %s, trained from %s, with model.path %s: the checkpoint's weights are used",
+                        latest, state["model"], resolved.paths.model)
 
 
 def prepare_output_dir(resolved: "Resolved") -> Path:

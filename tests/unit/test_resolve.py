@@ -81,3 +81,18 @@ def test_name_tables_match_the_registries():
     hints = typing.get_type_hints(AlgoConfig)
     assert typing.get_args(typing.get_args(hints["advantage"])[0]) == names.ADVANTAGE_ESTIMATORS
     assert typing.get_args(typing.get_type_hints(DPOConfig)["loss"]) == names.PREFERENCE_LOSS_NAMES
+
+
+def test_resuming_another_jobs_checkpoint_is_refused_before_anything_starts(tmp_path):
+    from rlhf_ray.checkpoint import CheckpointDir
+    from rlhf_ray.jobs.common import check_output_dir
+
+    ckpt = CheckpointDir(tmp_path)
+    ckpt.staging(2)
+    ckpt.finalize(2, {"step": 2, "job": "sft", "model": "/elsewhere/model"})
+    dpo = load_config(values={"job": "dpo", "model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
+    with pytest.raises(ConfigError, match=r"train.resume: the latest checkpoint in .* \(step_000002\) is of job sft, "
+                                          r"not dpo"):
+        check_output_dir(resolve(dpo))
+    sft = load_config(values={"job": "sft", "model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
+    check_output_dir(resolve(sft))  # the same job resumes (another model path is only warned about)

@@ -62,6 +62,9 @@ def test_shared_with_mismatched_sizes_is_refused():
 
 @pytest.mark.parametrize("over, message", [
     ({"job": "grpo", "reward.functions": []}, "reward.functions: job grpo needs a reward"),
+    ({"job": "grpo", "rollout.temperature": 0.0}, "rollout.temperature: job grpo samples several responses"),
+    ({"job": "online_dpo", "rollout.temperature": 0.0}, "rollout.temperature: job online_dpo samples"),
+    ({"job": "grpo", "reward.num_workers": 0}, "reward.num_workers: must be >= 1, got 0"),
     ({"job": "ppo", "algo.advantage": "grpo"}, "algo.advantage: job ppo trains a critic for GAE"),
     ({"job": "grpo", "algo.advantage": "gae"}, "algo.advantage: gae needs a critic"),
     ({"job": "grpo", "rollout.n_samples": 1}, "rollout.n_samples: algo.advantage=grpo compares samples"),
