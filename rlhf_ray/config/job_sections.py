@@ -40,12 +40,11 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    sleep_between_steps: bool = False
-    """Hybrid placement: vLLM releases its memory while the learners train."""
     weight_sync_backend: Literal["auto", "nccl", "gloo", "ipc"] = "auto"
     """auto: CUDA IPC when engines share GPUs with the policy (hybrid), NCCL on other GPUs, gloo on CPU."""
     weight_sync_bucket_mb: int = 256
-    seed: int = 0
+    seed: Optional[int] = None
+    """Base seed of the engines' sampling (engine i: seed + i); default ``train.seed``."""
 
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")

@@ -212,7 +212,7 @@ def _roles(cfg: "Config", paths: Paths, batch: BatchShape, reference: Optional[s
         model_path=paths.model, tokenizer_path=paths.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
         rollout=ro, dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=cfg.placement.mode == "hybrid",
         max_model_len=ro.max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens, gpus=engine_gpus,
-        cpus=ro.cpus_per_engine, seed=tc.seed))
+        cpus=ro.cpus_per_engine, seed=tc.seed if ro.seed is None else ro.seed))
     return tuple(roles)
 
 

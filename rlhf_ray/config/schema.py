@@ -84,7 +84,8 @@ class DataConfig:
     chosen_field: str = "chosen"
     rejected_field: str = "rejected"
     answer_field: str = "answer"
-    """Ground truth for verifiable rewards (RL jobs); passed to reward functions as a row field."""
+    """Ground truth for verifiable rewards (RL jobs): the row field reward functions receive as ``answer``
+    (``builtin:math`` grades against it); the row's other fields reach them under their own names."""
     system_prompt: Optional[str] = None
     apply_chat_template: bool = True
     max_length: int = 512

@@ -109,7 +109,10 @@ def tokenize_prompts(rows: RowSet, tokenizer, cfg: DataConfig) -> PromptSet:
                                 f"{cfg.max_prompt_length}; raise it or set data.overlength=drop")
             out.dropped += 1
             continue
-        out.prompts.append(PromptExample(ids, text, row[key], {k: v for k, v in row.items() if k != key}, loc))
+        fields = {k: v for k, v in row.items() if k != key}
+        if cfg.answer_field in row:  # reward functions take the reference answer as ``answer``
+            fields["answer"] = row[cfg.answer_field]
+        out.prompts.append(PromptExample(ids, text, row[key], fields, loc))
     out.skipped, out.skip_reasons = bad.count, bad.reasons
     log.info("prompts %s: %d rows -> %d prompts (dropped %d over max_prompt_length=%d%s, skipped %d malformed, "
              "%d at load)", rows.source, len(rows), len(out.prompts), out.dropped, cfg.max_prompt_length,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,6 +29,12 @@ def check_paths(resolved: "Resolved") -> None:
     """
     cfg, paths = resolved.config, resolved.paths
     p = Path(paths.model)
+    relative = not cfg.model.path.startswith((".", "/", "~"))
+    if relative and not p.exists() and p.parent != Path(".") and p.parent.is_dir():
+        # "runs/tiny-model" reads like a hub name too; a local runs/ says which was meant.
+        raise ConfigError(f"model.path: '{paths.model}' does not exist (its directory '{p.parent}' does, so it is "
+                          "not taken for a hub name); write the model there first, e.g. "
+                          f"rlhf-ray make-tiny-model {paths.model}")
     looks_local = cfg.model.path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p / "config.json").is_file():
         raise ConfigError(f"model.path: '{paths.model}' is not a model directory (no config.json there)")
@@ -64,6 +71,9 @@ def check_output_dir(resolved: "Resolved") -> None:
             f"train.output_dir: {out} already holds a run. Set train.resume=true to continue it, "
             "train.overwrite=true to start over there, or pick another output_dir.")
     latest = CheckpointDir(out).latest() if tc.resume else None
+    if tc.resume and latest is None and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"train.resume: {out} has no complete checkpoint to resume from, and starting over there "
+                          "would drop its metrics.jsonl; set train.resume=false train.overwrite=true to start over")
     if latest is not None:
         state = CheckpointDir.read_state(latest)
         if state.get("job", cfg.job) != cfg.job:
@@ -72,6 +82,40 @@ def check_output_dir(resolved: "Resolved") -> None:
         if state.get("model", resolved.paths.model) != resolved.paths.model:
             log.warning("resuming %s, trained from %s, with model.path %s: the checkpoint's weights are used",
                         latest, state["model"], resolved.paths.model)
+
+
+class OutputDirLock:
+    """An exclusive lock on ``train.output_dir`` for the life of a run: a second run there is refused at once
+    (``flock``, released when the run ends or its process dies). Use as a context manager."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / ".rlhf_ray.lock"
+        self._file = None
+
+    def __enter__(self) -> "OutputDirLock":
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise ConfigError(f"train.output_dir: another run (pid {holder}) is using {self.path.parent}; "
+                              "wait for it or pick another output_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        self._file = f
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None:
+            self._file.close()  # closing releases the flock
+            self._file = None
 
 
 def prepare_output_dir(resolved: "Resolved") -> Path:

@@ -1,9 +1,9 @@
 """The one front every job goes through, read top to bottom in ``run_job``:
 
-    resolve the config -> check paths -> tokenizer -> data (and its schedule) -> join Ray, probe where GPUs
-    really run -> placement plan, checked against the cluster -> run directory -> start the roles -> the
-    job's body (a loop's ``run``) -> teardown, in a ``finally``: no actor or placement group outlives the job,
-    also when a role fails to start.
+    resolve the config -> check paths -> tokenizer -> data (and its schedule) -> lock the output directory ->
+    join Ray, probe where GPUs really run -> placement plan, checked against the cluster -> run directory ->
+    start the roles -> the job's body (a loop's ``run``) -> teardown, in a ``finally``: no actor or placement
+    group outlives the job, also when a role fails to start.
 
 A job is a ``Job``: its data step and its body. Everything slow or remote starts only after every check that
 can fail on the driver has passed.
@@ -69,15 +69,25 @@ def job_of(cfg: Config) -> Job:
 
 def run_job(cfg: Config, job: Optional[Job] = None) -> dict[str, Any]:
     """Run ``job`` (default: the one ``cfg.job`` names) end to end; returns its result plus ``data`` (row counts)."""
-    from rlhf_ray.controller.cluster import init_ray, node_resources, probe_accelerator
-    from rlhf_ray.controller.launch import Roles
-    from rlhf_ray.controller.placement import check_plan
-    from rlhf_ray.jobs.common import check_output_dir, prepare_output_dir
+    from rlhf_ray.jobs.common import OutputDirLock, check_output_dir
 
     job = job or job_of(cfg)
     resolved, tokenizer, (train, evaluation, counts) = prepare(cfg)
     schedule = make_schedule(resolved, len(train)) if job.trains else None
     check_output_dir(resolved)
+    with OutputDirLock(resolved.paths.output_dir):
+        result = _run_locked(cfg, job, tokenizer, train, evaluation, schedule)
+    result["data"] = counts
+    return result
+
+
+def _run_locked(cfg: Config, job: Job, tokenizer: Any, train: Any, evaluation: Any,
+                schedule: Optional[Schedule]) -> dict[str, Any]:
+    """``run_job`` from Ray on, holding the output directory: probe, plan, run directory, roles, body, teardown."""
+    from rlhf_ray.controller.cluster import init_ray, node_resources, probe_accelerator
+    from rlhf_ray.controller.launch import Roles
+    from rlhf_ray.controller.placement import check_plan
+    from rlhf_ray.jobs.common import prepare_output_dir
 
     cluster = init_ray(cfg.ray)
     resolved = resolve(cfg, probe_accelerator(cfg.learner.gpus_per_worker))
@@ -92,7 +102,6 @@ def run_job(cfg: Config, job: Optional[Job] = None) -> dict[str, Any]:
         result = job.body(JobContext(resolved, roles, tokenizer, train, evaluation, schedule, output_dir))
     finally:
         roles.teardown()
-    result["data"] = counts
     return result
 
 

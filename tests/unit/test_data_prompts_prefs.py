@@ -47,6 +47,12 @@ def test_prompts_keep_ids_text_and_every_other_field(tok):
                                                           "skipped_at_load": 0}
 
 
+def test_answer_field_reaches_the_rewards_as_answer(tok):
+    out = tokenize_prompts(rowset({"prompt": "What is 2 + 3?", "solution": "5"}), tok,
+                           DataConfig(answer_field="solution"))
+    assert out.prompts[0].fields == {"solution": "5", "answer": "5"}
+
+
 def test_prompt_from_messages_leaves_out_a_trailing_assistant_turn(tok):
     msgs = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "ref"}]
     p = tokenize_prompts(rowset({"messages": msgs, "answer": "x"}), tok, DataConfig(system_prompt="S")).prompts[0]

@@ -96,3 +96,28 @@ def test_resuming_another_jobs_checkpoint_is_refused_before_anything_starts(tmp_
         check_output_dir(resolve(dpo))
     sft = load_config(values={"job": "sft", "model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
     check_output_dir(resolve(sft))  # the same job resumes (another model path is only warned about)
+
+
+def test_a_missing_local_model_dir_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from rlhf_ray.jobs.common import check_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    cfg = load_config(values={"model.path": "runs/tiny-model"})
+    with pytest.raises(ConfigError, match=r"model.path: 'runs/tiny-model' does not exist \(its directory 'runs' does"):
+        check_paths(resolve(cfg))
+    check_paths(resolve(load_config(values={"model.path": "Qwen/Qwen2.5-0.5B"})))  # a hub name stays one
+
+
+def test_one_run_per_output_dir_and_no_resume_that_would_drop_metrics(tmp_path):
+    from rlhf_ray.jobs.common import OutputDirLock, check_output_dir
+
+    with OutputDirLock(str(tmp_path)):
+        with pytest.raises(ConfigError, match=r"train.output_dir: another run \(pid \d+\) is using"):
+            OutputDirLock(str(tmp_path)).__enter__()
+    with OutputDirLock(str(tmp_path)):  # released when the first run ended
+        pass
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    cfg = load_config(values={"model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
+    with pytest.raises(ConfigError, match="train.resume: .* has no complete checkpoint to resume from"):
+        check_output_dir(resolve(cfg))
