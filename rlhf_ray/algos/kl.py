@@ -14,6 +14,8 @@ from torch import Tensor
 from rlhf_ray.algos.aggregation import last_index
 
 LOG_RATIO_CLAMP = 20.0
+K3_CLAMP = 10.0
+"""Cap of the k3 estimate per token (verl's and OpenRLHF's low-variance KL clamp)."""
 
 
 def kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -27,12 +29,14 @@ def kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """k3 = exp(-log_ratio) - 1 + log_ratio (unbiased, always >= 0). logp, ref_logp: (B, T) -> (B, T).
+    """k3 = min(exp(-log_ratio) - 1 + log_ratio, 10) (unbiased below the cap, always >= 0). (B, T) -> (B, T).
 
-    log_ratio is clamped to [-20, 20] first so exp cannot overflow (no gradient flows beyond the clamp).
+    log_ratio is clamped to [-20, 20] first so exp cannot overflow, and the estimate is capped at
+    ``K3_CLAMP`` = 10 as verl and OpenRLHF do: one token far from the reference (k3 grows like exp(|log_ratio|))
+    would otherwise dominate the loss and its gradient. No gradient flows beyond either clamp.
     """
     log_ratio = (logp.float() - ref_logp.float()).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return torch.exp(-log_ratio) - 1.0 + log_ratio
+    return (torch.exp(-log_ratio) - 1.0 + log_ratio).clamp(-K3_CLAMP, K3_CLAMP)
 
 
 KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}

@@ -92,7 +92,7 @@ class DPOLoss:
     """A ``PREFERENCE_LOSSES`` loss (+ ``nll_coef`` x chosen NLL), a mean over the pairs of the global batch.
 
     Implicit rewards (the metrics) are beta x the loss's chosen / rejected inputs: beta x (policy -
-    reference) summed log-probs for DPO / IPO, beta x the average log-prob for SimPO.
+    reference) summed log-probs for DPO, per-token mean log-probs for IPO, beta x the average log-prob for SimPO.
     """
 
     loss: str

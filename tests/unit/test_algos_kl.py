@@ -41,8 +41,11 @@ def test_k3_nonnegative_and_clamped():
     logp = torch.linspace(-30.0, 5.0, 71).reshape(1, -1)
     k3 = kl_penalty(logp, torch.zeros_like(logp), "k3")
     assert bool((k3 >= 0).all()) and bool(torch.isfinite(k3).all())
-    # log_ratio -30 is clamped to -20: exp(20) - 1 - 20
-    assert k3[0, 0].item() == pytest.approx(math.exp(20) - 21, rel=1e-6)
+    # log_ratio -30: exp(30) - 31 is capped at 10 (verl / OpenRLHF); so is log_ratio -3: exp(3) - 1 - 3 = 16.09
+    assert k3[0, 0].item() == 10.0
+    at = lambda x: k3[0, round((x + 30.0) * 2)].item()  # noqa: E731 - linspace step 0.5 from -30
+    assert at(-3.0) == 10.0 and at(-2.0) == pytest.approx(math.exp(2) - 3, rel=1e-6)  # 4.389 < 10: as is
+    assert at(5.0) == pytest.approx(math.exp(-5) - 1 + 5, rel=1e-6)  # positive log-ratios grow linearly
 
 
 @pytest.mark.parametrize("name", ["k1", "k2", "k3"])
