@@ -20,7 +20,10 @@ from torch import Tensor
 from rlhf_ray.algos.aggregation import last_index, masked_whiten
 from rlhf_ray.algos.names import GROUP_BASED, NEEDS_CRITIC
 
-AdvantageFn = Callable[[Tensor, Tensor, Tensor, Optional[Tensor], "AdvantageParams"], tuple[Tensor, Tensor]]
+AdvantageFn = Callable[..., tuple[Tensor, Tensor]]
+"""``(token_rewards, mask, group_index, values, params, scores=None) -> (advantages, returns)``: token_rewards,
+mask (B, T); group_index (B,); values (B, T) or None; scores (B,) the sequences' rewards before any per-token
+shaping (KL in the reward), or None to take them from token_rewards."""
 ADVANTAGES: dict[str, AdvantageFn] = {}
 """Estimators by ``algo.advantage`` name (``rlhf_ray.algos.names.ADVANTAGE_ESTIMATORS``)."""
 __all__ = ["ADVANTAGES", "GROUP_BASED", "NEEDS_CRITIC", "AdvantageParams", "get_advantage"]
@@ -100,7 +103,7 @@ def _broadcast(per_seq: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 @register("gae")
 def gae(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-        params: AdvantageParams) -> tuple[Tensor, Tensor]:
+        params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016) over action tokens; needs ``values`` (B, T).
 
     Walking back over action tokens only (mask = 0 positions are skipped; the next value after the
@@ -127,7 +130,7 @@ def gae(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Option
 
 @register("grpo")
 def grpo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-         params: AdvantageParams) -> tuple[Tensor, Tensor]:
+         params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """GRPO (Shao et al. 2024): A_b = (r_b - mean_g) / (std_g + eps), over the rows of b's group.
 
     std_g is the unbiased (n-1) std, as torch.std in DeepSeekMath / verl. With ``norm_by_std=False``
@@ -142,7 +145,7 @@ def grpo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optio
 
 @register("dr_grpo")
 def dr_grpo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-            params: AdvantageParams) -> tuple[Tensor, Tensor]:
+            params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """Dr. GRPO (Liu et al. 2025): A_b = r_b - mean_g, no std division.
 
     Its length-bias fix is the loss aggregation (``seq_mean_token_sum_norm``), not part of this estimator.
@@ -154,7 +157,7 @@ def dr_grpo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Op
 
 @register("rloo")
 def rloo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-         params: AdvantageParams) -> tuple[Tensor, Tensor]:
+         params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """RLOO (Ahmadian et al. 2024): A_b = r_b - mean of the other n-1 rows of b's group
     = n / (n - 1) * (r_b - mean_g). A group of size 1 gets A = 0.
     """
@@ -166,7 +169,7 @@ def rloo(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optio
 
 @register("reinforce_pp")
 def reinforce_pp(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-                 params: AdvantageParams) -> tuple[Tensor, Tensor]:
+                 params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """REINFORCE++ (Hu 2025): G_t = sum_{k >= t} gamma^(k-t) r_k over action tokens (``return_to_go``),
     A = masked_whiten(G) over all action tokens of the batch; returns = G (not whitened).
     """
@@ -176,14 +179,16 @@ def reinforce_pp(token_rewards: Tensor, mask: Tensor, group_index: Tensor, value
 
 @register("reinforce_pp_baseline")
 def reinforce_pp_baseline(token_rewards: Tensor, mask: Tensor, group_index: Tensor, values: Optional[Tensor],
-                          params: AdvantageParams) -> tuple[Tensor, Tensor]:
+                          params: AdvantageParams, scores: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """REINFORCE++ with a group baseline: mean_g(r_b) is subtracted at each row's last action token
     (per-token penalties kept), then G = return-to-go and A = masked_whiten(G) over the batch; returns = G.
 
-    r_b includes any KL-in-reward penalties, since only token rewards reach this function.
+    The baseline is the group mean of the raw rewards ``scores`` (before KL-in-reward penalties, as in the
+    REINFORCE++ paper and OpenRLHF); the penalties stay in the token rewards. Without ``scores`` the baseline
+    is taken from the token rewards' sums.
     """
-    scores = sequence_scores(token_rewards, mask)
-    mean, _, _ = group_stats(scores, group_index)
+    raw = scores.float() if scores is not None else sequence_scores(token_rewards, mask)
+    mean, _, _ = group_stats(raw, group_index)
     last = last_index(mask)
     rows = (last >= 0).nonzero().squeeze(-1)
     shifted = token_rewards.float() * mask.float()

@@ -80,7 +80,7 @@ class RLLoop(RolloutLoop):
         batch.token_rewards = kl_in_reward(batch.rewards, kl if kl is not None else torch.zeros_like(mask), mask,
                                            kl_coef if rl.kl_in_reward else 0.0)
         batch.advantages, batch.returns = get_advantage(rl.advantage)(
-            batch.token_rewards, mask, batch.group_index, batch.values, self.adv_params)
+            batch.token_rewards, mask, batch.group_index, batch.values, self.adv_params, scores=batch.rewards)
         if rl.whiten_advantages:
             batch.advantages = masked_whiten(batch.advantages, mask) * mask
 

@@ -142,6 +142,21 @@ def test_reinforce_pp_baseline():
     close(adv, [w[0:3], [w[3], w[4], 0.0], [0.0, w[5], w[6]]])
 
 
+def test_reinforce_pp_baseline_takes_the_raw_rewards_not_the_kl_penalised_sums():
+    # The token rewards of test_reinforce_pp_baseline, their per-token KL penalties (-0.1, -0.2) now known to be
+    # shaping: raw rewards 1.0, 2.0 (group 0, mean 1.5) and 3.0 (group 1) give the baseline.
+    rewards = torch.tensor([[-0.1, -0.1, 1.0], [-0.2, 2.0, PAD], [PAD, 0.0, 3.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    adv, ret = get_advantage("reinforce_pp_baseline")(rewards, mask, torch.tensor([0, 0, 1]), None,
+                                                      AdvantageParams(gamma=0.5), scores=torch.tensor([1.0, 2.0, 3.0]))
+    # minus 1.5 at row 0's and row 1's last token, 3.0 at row 2's: row 0 [-0.1, -0.1, -0.5]; row 1 [-0.2, 0.5]
+    # G row 0: t2 = -0.5; t1 = -0.1 + 0.5*-0.5 = -0.35; t0 = -0.1 + 0.5*-0.35 = -0.275
+    # G row 1: t1 = 0.5; t0 = -0.2 + 0.5*0.5 = 0.05;   G row 2: 0, 0
+    close(ret, [[-0.275, -0.35, -0.5], [0.05, 0.5, 0.0], [0.0, 0.0, 0.0]])
+    w = whitened([-0.275, -0.35, -0.5, 0.05, 0.5, 0.0, 0.0])
+    close(adv, [w[0:3], [w[3], w[4], 0.0], [0.0, w[5], w[6]]])
+
+
 def test_return_to_go_skips_masked_positions():
     rewards = torch.tensor([[PAD, 1.0, PAD, 2.0, PAD]])
     mask = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0]])
