@@ -7,13 +7,13 @@
 - ``iter_epoch_batches``: each epoch's global batches of indices, seeded by (seed, epoch) so that a
   resumed run sees the same order; ``shard_for_rank``: a global batch -> each rank's micro-batches.
 
-Packing caveat: restarting ``position_ids`` alone does not stop attention across examples in a row.
-With flash-attention varlen, or transformers' own packed-sequence detection (transformers 5 reads the
-restarts from ``position_ids`` only when neither an ``attention_mask`` nor a KV cache is passed, i.e.
+Packing: restarting ``position_ids`` alone does not stop attention across examples in a row. With
+flash-attention varlen, or transformers' own packed-sequence detection (transformers 5 reads the restarts
+from ``position_ids`` only when neither an ``attention_mask`` nor a KV cache is passed, i.e.
 ``attention_mask=None, use_cache=False``), each example attends only to itself. With eager or sdpa
-attention and the 2D ``attention_mask`` that ``pad_batch`` returns, every token also attends to the
-earlier examples of its row (cross-contamination): pass
-``attention_mask=packed_attention_mask(batch["segment_ids"])`` (4D) instead. The loss itself is not
+attention and the 2D ``attention_mask`` that ``pad_batch`` returns, every token would also attend to the
+earlier examples of its row, so the learners' forward (``objectives.common.causal_lm_logits``) passes
+``packed_attention_mask(batch["segment_ids"])`` (4D) for packed rows. The loss itself is not
 contaminated at the boundaries: the first token of each packed example has label -100, as nothing
 inside that example predicts it (the same loss as unpacked, where position 0 is never predicted).
 """

@@ -39,11 +39,25 @@ class BatchTotals:
 
 
 def causal_lm_logits(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits (B, T, V) of a causal LM, passing position ids when the batch is packed."""
+    """Logits (B, T, V) of a causal LM. Packed rows (``segment_ids``, ``position_ids`` restarting per example)
+    attend within their own example only: a block-diagonal causal mask for eager / sdpa attention, or, for
+    flash attention, no mask (transformers then reads the example boundaries from the position ids)."""
     kwargs = {"input_ids": mb["input_ids"], "attention_mask": mb.get("attention_mask")}
     if "position_ids" in mb:
         kwargs["position_ids"] = mb["position_ids"]
+    if "segment_ids" in mb:
+        kwargs["attention_mask"] = _packed_mask(model, mb["segment_ids"])
     return model(**kwargs, use_cache=False).logits
+
+
+def _packed_mask(model: torch.nn.Module, segment_ids: torch.Tensor):
+    from rlhf_ray.data.batching import packed_attention_mask
+
+    inner = getattr(model, "module", model)  # DeepSpeed engine
+    attn = str(getattr(getattr(inner, "config", None), "_attn_implementation", "") or "")
+    if attn.startswith("flash"):
+        return None
+    return packed_attention_mask(segment_ids, dtype=next(inner.parameters()).dtype)
 
 
 def sequence_scores(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -85,6 +85,22 @@ def test_changing_what_prompt_positions_predict_leaves_the_masked_loss_unchanged
     assert loss_with(10 * torch.randn(4, model.config.vocab_size)) != pytest.approx(loss_with(0.0))
 
 
+def test_packed_rows_score_like_the_examples_alone(model):
+    """Two SFT examples packed into one row give the NLL sum and token count of the two run separately: the
+    second example does not attend to the first."""
+    from rlhf_ray.data.batching import pack_examples
+
+    a = {"input_ids": [5, 6, 7, 20, 21, 2], "labels": [-100, -100, -100, 20, 21, 2], "location": "a"}
+    b = {"input_ids": [8, 9, 30, 31, 32], "labels": [-100, -100, 30, 31, 32], "location": "b"}
+    packed = pad_batch(pack_examples([a, b], max_length=16), pad_id=0)
+    assert packed["input_ids"].shape[0] == 1 and "segment_ids" in packed
+    with torch.no_grad():
+        _, together = SFTLoss()(model, packed, BatchTotals(tokens=1))
+        alone = [SFTLoss()(model, pad_batch([e], pad_id=0), BatchTotals(tokens=1))[1] for e in (a, b)]
+    assert together["response_tokens"] == sum(m["response_tokens"] for m in alone) == 6
+    assert together["nll_sum"] == pytest.approx(sum(m["nll_sum"] for m in alone), abs=1e-4)
+
+
 def test_policy_objective_on_policy_is_minus_mean_advantage(model):
     """With pi_old = pi (first epoch, no update yet) the PPO ratio is 1, so the token-mean loss is
     -sum(A * mask) / num_tokens, times grad_scale; the KL and entropy terms are off."""
