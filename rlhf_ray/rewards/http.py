@@ -31,6 +31,18 @@ HTTP_BATCH_SIZE = 64
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
+TOKEN_ENV = "RLHF_RAY_REWARD_TOKEN"
+"""Environment variable holding the bearer token of reward endpoints: the server requires it when set, the
+client sends it when set (a secret never lives in a config file or on a command line)."""
+
+
+def token_headers() -> dict[str, str]:
+    """``{"Authorization": "Bearer <token>"}`` when ``$RLHF_RAY_REWARD_TOKEN`` is set, else ``{}``."""
+    import os
+
+    token = os.environ.get(TOKEN_ENV)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
 
 class HttpReward(RewardSource):
     """Scores batches by POSTing them to ``url`` in chunks of ``batch_size`` samples.
@@ -50,7 +62,7 @@ class HttpReward(RewardSource):
         if retries < 0:
             raise ValueError(f"HttpReward retries must be >= 0, got {retries}")
         self.url, self.timeout_s, self.batch_size = url, timeout_s, batch_size
-        self.headers = {"Content-Type": "application/json", **(headers or {})}
+        self.headers = {"Content-Type": "application/json", **token_headers(), **(headers or {})}
         self.retries, self.backoff_s = retries, backoff_s
         self.name = url
         # A proxy from the environment never helps reach this machine itself, and often breaks it.

@@ -7,6 +7,11 @@ trainer at it with ``reward.functions: [http://host:8000/score]``::
     python -m rlhf_ray.rewards.server --reward my_rewards.py:code_reward --host 0.0.0.0 --port 8000
 
 ``POST`` (any path) scores a batch; ``GET /health`` answers ``{"status": "ok", "reward": name}``.
+With ``$RLHF_RAY_REWARD_TOKEN`` set, a POST must carry ``Authorization: Bearer <token>`` (else 401); the
+trainer's client sends it from the same variable. The CLI refuses to listen beyond this machine without one
+(``--allow-unauthenticated`` to insist). Bodies are capped (``--max-body-mb``), a client that stops sending
+is dropped after ``--read-timeout-s``, and at most ``--max-concurrent`` requests are served at once (the
+next ones wait in the listen queue).
 A request that is not a valid batch gets a 400, a reward that fails gets a 500 with the
 :class:`RewardError` message, so the trainer's error names the remote function too. Requests are
 served on threads (``ThreadingHTTPServer``); the reward function must tolerate concurrent calls.
@@ -17,32 +22,65 @@ beside it would shadow the standard library's ``http`` package.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
+import os
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
 from rlhf_ray.rewards.base import RewardError, RewardSource, checked_scores
+from rlhf_ray.rewards.http import _LOOPBACK, TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 1024 * 1024
-"""Largest request accepted (a batch of long responses is a few MB; this only stops runaway bodies)."""
+MAX_BODY_BYTES = 32 * 1024 * 1024
+"""Largest request accepted by default (a batch of 64 long responses is a few MB)."""
+READ_TIMEOUT_S = 60.0
+"""A client that sends nothing for this long is dropped (it would otherwise hold a thread forever)."""
+MAX_CONCURRENT = 16
+"""Requests served at once by default."""
 
 
-def make_server(source: RewardSource, timeout_s: float, host: str = "127.0.0.1",
-                port: int = 0) -> ThreadingHTTPServer:
+class RewardServer(ThreadingHTTPServer):
+    """A threading HTTP server with at most ``max_concurrent`` request threads alive."""
+
+    daemon_threads = True  # an abandoned request thread must not block shutdown
+
+    def __init__(self, address: tuple[str, int], handler: type, max_concurrent: int):
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_concurrent)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        self._slots.acquire()  # the accept loop waits for a free slot: back-pressure, not unbounded threads
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def make_server(source: RewardSource, timeout_s: float, host: str = "127.0.0.1", port: int = 0,
+                token: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
+                read_timeout_s: float = READ_TIMEOUT_S, max_concurrent: int = MAX_CONCURRENT) -> RewardServer:
     """A bound (not yet serving) server scoring with ``source``, ``timeout_s`` per batch; ``port=0`` picks a free port.
 
-    Serve with ``serve_forever()`` (in a thread if needed); the bound port is ``server.server_address[1]``;
-    stop with ``shutdown()`` then ``server_close()``.
+    ``token``: when set, a POST must carry ``Authorization: Bearer <token>``. Serve with ``serve_forever()`` (in a
+    thread if needed); the bound port is ``server.server_address[1]``; stop with ``shutdown()`` then
+    ``server_close()``.
     """
-    handler = type("RewardHandler", (_RewardHandler,), {"source": source, "timeout_s": timeout_s})
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True  # an abandoned request thread must not block shutdown
-    return server
+    handler = type("RewardHandler", (_RewardHandler,), {
+        "source": source, "timeout_s": timeout_s, "token": token, "max_body_bytes": max_body_bytes,
+        "timeout": read_timeout_s})
+    return RewardServer((host, port), handler, max_concurrent)
 
 
 def serve_in_thread(server: ThreadingHTTPServer, poll_interval: float = 0.05) -> threading.Thread:
@@ -59,6 +97,8 @@ def serve_in_thread(server: ThreadingHTTPServer, poll_interval: float = 0.05) ->
 class _RewardHandler(BaseHTTPRequestHandler):
     source: RewardSource
     timeout_s: float
+    token: Optional[str]
+    max_body_bytes: int
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
         if self.path.rstrip("/") == "/health":
@@ -67,6 +107,11 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, {"error": "POST a batch to score it; GET /health for liveness"})
 
     def do_POST(self) -> None:  # noqa: N802
+        if self.token is not None:
+            given = self.headers.get("Authorization") or ""
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                self._send(HTTPStatus.UNAUTHORIZED, {"error": f"missing or wrong bearer token (${TOKEN_ENV})"})
+                return
         try:
             prompts, responses, row_fields = self._read_batch()
         except ValueError as exc:
@@ -83,8 +128,8 @@ class _RewardHandler(BaseHTTPRequestHandler):
     def _read_batch(self) -> tuple[list[str], list[str], dict[str, list]]:
         """The request's batch, or ValueError saying what is wrong with it (sent back as a 400)."""
         length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > MAX_BODY_BYTES:
-            raise ValueError(f"expected a JSON body of 1..{MAX_BODY_BYTES} bytes, got Content-Length {length}")
+        if length <= 0 or length > self.max_body_bytes:
+            raise ValueError(f"expected a JSON body of 1..{self.max_body_bytes} bytes, got Content-Length {length}")
         try:
             data = json.loads(self.rfile.read(length))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -128,12 +173,23 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout-s", type=float, default=RewardConfig.timeout_s,
                    help="per batch; a slower reward answers 500 (default: reward.timeout_s's default)")
+    p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
+    p.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S, help="drop a client silent this long")
+    p.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="requests served at once")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help=f"listen beyond this machine without ${TOKEN_ENV} (anyone who reaches the port can call it)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    token = os.environ.get(TOKEN_ENV) or None
+    if token is None and args.host not in _LOOPBACK and not args.allow_unauthenticated:
+        p.error(f"--host {args.host} accepts other machines: set ${TOKEN_ENV} (the trainer sends it too) or pass "
+                "--allow-unauthenticated")
     source = build_reward_source(args.reward, args.timeout_s)
-    server = make_server(source, args.timeout_s, args.host, args.port)
+    server = make_server(source, args.timeout_s, args.host, args.port, token, int(args.max_body_mb * 2**20),
+                         args.read_timeout_s, args.max_concurrent)
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%s (POST a batch; GET /health)", source.describe(), host, port)
+    log.info("serving %s on http://%s:%s (POST a batch; GET /health)%s", source.describe(), host, port,
+             "" if token else " without a token")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -330,9 +330,9 @@ def test_package_import_is_light():
 # ---------------------------------------------------------------- HTTP reward against the reference server
 
 @contextmanager
-def served(source, timeout_s=5.0):
+def served(source, timeout_s=5.0, **options):
     """The reference server on 127.0.0.1:<free port> in a thread; yields its scoring URL."""
-    server = make_server(source, timeout_s)
+    server = make_server(source, timeout_s, **options)
     thread = serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/score"
@@ -438,3 +438,41 @@ def test_server_cli_serves_a_reward_file(tmp_path):
         proc.terminate()
         proc.wait(10)
         proc.stderr.close()
+
+
+def test_server_token_is_required_and_sent_from_the_environment(monkeypatch):
+    from rlhf_ray.rewards.http import TOKEN_ENV
+
+    with served(constant(1.0, "one"), token="s3cret") as url:
+        monkeypatch.delenv(TOKEN_ENV, raising=False)
+        with pytest.raises(RewardError, match=r"answered HTTP 401: .*missing or wrong bearer token"):
+            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {})
+        monkeypatch.setenv(TOKEN_ENV, "wrong")
+        with pytest.raises(RewardError, match="HTTP 401"):
+            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {})
+        monkeypatch.setenv(TOKEN_ENV, "s3cret")
+        assert HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {}) == [1.0]
+
+
+def test_server_caps_bodies_and_drops_silent_clients():
+    import socket
+
+    with served(constant(1.0, "one"), max_body_bytes=100, read_timeout_s=0.5) as url:
+        with pytest.raises(RewardError, match=r"HTTP 400: .*expected a JSON body of 1..100 bytes"):
+            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p" * 200], ["r"], {})
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # ... and then nothing more
+            t0 = time.monotonic()
+            assert sock.recv(1024) == b""  # the server closed the connection
+            assert time.monotonic() - t0 < 3
+
+
+def test_server_cli_refuses_other_machines_without_a_token(tmp_path):
+    from rlhf_ray.rewards.http import TOKEN_ENV
+
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "rlhf_ray.rewards.server", "--reward", "builtin:math", "--host",
+                           "0.0.0.0", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and f"set ${TOKEN_ENV}" in proc.stderr, proc.stderr
