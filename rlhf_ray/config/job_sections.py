@@ -111,6 +111,8 @@ class AlgoConfig:
         _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        _check(self.adaptive_kl_target is None or self.kl_coef > 0, "kl_coef",
+               "adaptive_kl_target scales kl_coef from its start, so it must start > 0 (from 0 it stays 0)")
         _check(self.entropy_coef >= 0, "entropy_coef", "must be >= 0")
         _check(0 < self.gamma <= 1 and 0 <= self.lam <= 1, "gamma", "gamma in (0, 1], lam in [0, 1]")
         _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")

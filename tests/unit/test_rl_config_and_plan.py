@@ -65,6 +65,7 @@ def test_shared_with_mismatched_sizes_is_refused():
     ({"job": "grpo", "rollout.temperature": 0.0}, "rollout.temperature: job grpo samples several responses"),
     ({"job": "online_dpo", "rollout.temperature": 0.0}, "rollout.temperature: job online_dpo samples"),
     ({"job": "grpo", "reward.num_workers": 0}, "reward.num_workers: must be >= 1, got 0"),
+    ({"job": "ppo", "algo.adaptive_kl_target": 6.0}, "algo.kl_coef: adaptive_kl_target scales kl_coef"),
     ({"job": "ppo", "algo.advantage": "grpo"}, "algo.advantage: job ppo trains a critic for GAE"),
     ({"job": "grpo", "algo.advantage": "gae"}, "algo.advantage: gae needs a critic"),
     ({"job": "grpo", "rollout.n_samples": 1}, "rollout.n_samples: algo.advantage=grpo compares samples"),
@@ -98,7 +99,7 @@ def test_rl_job_resolves_defaults_at_load():
     ({"job": "grpo", "algo.mini_batches": 2}, "learner"),       # the second mini-batch sees an updated policy
     ({"job": "grpo", "algo.ppo_epochs": 2}, "learner"),
     ({"job": "grpo", "algo.kl_coef": 0.01}, "learner"),         # the reference KL is taken at pi_old first
-    ({"job": "ppo", "algo.adaptive_kl_target": 6.0}, "learner"),
+    ({"job": "ppo", "algo.adaptive_kl_target": 6.0, "algo.kl_coef": 0.05}, "learner"),
     ({"job": "grpo", "algo.old_logprobs": "rollout"}, "rollout"),
     ({"job": "grpo", "algo.old_logprobs": "learner"}, "learner"),
 ])
