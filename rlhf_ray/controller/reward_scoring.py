@@ -41,6 +41,8 @@ def build_function_reward(cfg: RewardConfig) -> Optional[CombinedReward]:
         from rlhf_ray.config import ConfigError
 
         raise ConfigError(f"reward.functions: {exc}") from exc
+    for source in sources:
+        source.check()  # an endpoint that is down fails here, not at step 1
     return CombinedReward(sources, cfg.weights or None)
 
 

@@ -46,6 +46,10 @@ class RewardSource(ABC):
         """How error messages name this source (e.g. ``reward function 'f' from /path/file.py``)."""
         return f"reward {self.name!r}"
 
+    def check(self) -> None:
+        """Raise ``RewardError`` when the source cannot work at all (an endpoint that is down), before a run
+        reserves anything; the default has nothing to check."""
+
 
 class FunctionReward(RewardSource):
     """A Python reward function called as ``fn(prompts, responses, **row_fields)``.

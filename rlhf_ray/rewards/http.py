@@ -71,6 +71,16 @@ class HttpReward(RewardSource):
     def describe(self) -> str:
         return f"reward endpoint {self.url}"
 
+    def check(self) -> None:
+        """The endpoint's host and port accept a connection (within ``timeout_s``), or ``RewardError``."""
+        parsed = urllib.parse.urlparse(self.url)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname, port), timeout=self.timeout_s).close()
+        except OSError as exc:
+            raise RewardError(f"{self.describe()} is not reachable: {exc} (start it before the run, or fix "
+                              "reward.functions)") from exc
+
     def score(self, prompts: list[str], responses: list[str], row_fields: RowFields) -> list[float]:
         out: list[float] = []
         for start in range(0, len(prompts), self.batch_size):

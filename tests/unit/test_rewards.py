@@ -476,3 +476,19 @@ def test_server_cli_refuses_other_machines_without_a_token(tmp_path):
                            "0.0.0.0", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 2 and f"set ${TOKEN_ENV}" in proc.stderr, proc.stderr
+
+
+def test_an_endpoint_that_is_down_is_named_when_the_rewards_are_built():
+    import socket
+
+    from rlhf_ray.config.schema import RewardConfig
+    from rlhf_ray.controller.reward_scoring import build_function_reward
+
+    with socket.socket() as s:  # a port nobody listens on once this socket closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/score"
+    with pytest.raises(RewardError, match=rf"^reward endpoint {url} is not reachable: .*refused"):
+        build_function_reward(RewardConfig(functions=["builtin:math", url]))
+    with served(constant(1.0, "one")) as up:
+        assert build_function_reward(RewardConfig(functions=[up])) is not None
