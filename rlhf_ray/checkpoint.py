@@ -33,6 +33,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (the ranks wrote them; a rename is durable only after)."""
+    for here, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(here, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(here))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to ``path`` through a temporary file and ``os.replace``."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -66,6 +78,7 @@ class CheckpointDir:
         """Write trainer_state.json, rename the staging dir into place, point ``latest`` at it, prune."""
         tmp = self.root / f".tmp-{self.name(step)}"
         write_json_atomic(tmp / "trainer_state.json", trainer_state)
+        _fsync_tree(tmp)  # the model, optimizer and RNG files too, before the rename makes them "complete"
         final = self.root / self.name(step)
         if final.exists():  # re-saving the same step after a resume: replace it whole
             shutil.rmtree(final)

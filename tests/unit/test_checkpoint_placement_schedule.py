@@ -26,6 +26,30 @@ def test_checkpoint_atomic_and_latest(tmp_path):
     assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
 
 
+def test_checkpoint_files_are_synced_before_the_rename(tmp_path, monkeypatch):
+    """Every file the ranks wrote reaches the disk before the rename that marks the checkpoint complete."""
+    import os
+
+    from rlhf_ray import checkpoint
+
+    ckpt = CheckpointDir(tmp_path)
+    stage = ckpt.staging(3)
+    (stage / "model").mkdir()
+    for rel in ("model/model.safetensors", "rng_rank0.pt"):
+        (stage / rel).write_bytes(b"x")
+    synced, renamed = [], []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(checkpoint.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                             real_fsync(fd)))
+    monkeypatch.setattr(checkpoint.os, "replace", lambda a, b: (renamed.append((str(a), len(synced))),
+                                                                 real_replace(a, b)))
+    ckpt.finalize(3, {"step": 3})
+    step_rename = next(n for a, n in renamed if a.endswith(".tmp-step_000003"))
+    before = set(synced[:step_rename])
+    assert {str(stage / "model/model.safetensors"), str(stage / "rng_rank0.pt"), str(stage / "trainer_state.json"),
+            str(stage / "model"), str(stage)} <= before, before
+
+
 def test_checkpoint_latest_ignores_incomplete(tmp_path):
     ck = CheckpointDir(tmp_path)
     ck.staging(5)
