@@ -181,12 +181,13 @@ class RolloutRole:
         from rlhf_ray.engines.rollout_engine import Generations
 
         splits = np.array_split(np.arange(len(prompt_ids)), self.num_engines)
-        refs, used = [], []
-        for engine, part in zip(self.group.actors, splits):
+        refs, used, names = [], [], []
+        for e, (engine, part) in enumerate(zip(self.group.actors, splits)):
             if len(part):
                 refs.append(engine.generate.remote([prompt_ids[i] for i in part], spec))
                 used.append(part)
-        outs = wait_named(refs, [f"rollout[engine {i}]" for i in range(len(refs))], "rollout.generate", self.timeout_s)
+                names.append(self.group.rank_name(e))
+        outs = wait_named(refs, names, "rollout.generate", self.timeout_s)
         index, tokens, logps, texts, reasons = [], [], [], [], []
         for part, gen in zip(used, outs):
             index.append(part[gen.prompt_index])
@@ -205,7 +206,7 @@ class RolloutRole:
     def sequence_logprobs(self, sequences: list[list[int]], engine: int = 0) -> list[np.ndarray]:
         """Log-probs of tokens 1.. of each sequence under engine ``engine``'s current weights."""
         ref = self.group.actors[engine].sequence_logprobs.remote(sequences)
-        return wait_named([ref], [f"rollout[engine {engine}]"], "rollout.sequence_logprobs", self.timeout_s)[0]
+        return wait_named([ref], [self.group.rank_name(engine)], "rollout.sequence_logprobs", self.timeout_s)[0]
 
     # ---- memory ---------------------------------------------------------------------------------
     def sleep(self) -> float:

@@ -7,11 +7,12 @@ the method and the ranks that did not answer, never a silent hang.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -26,33 +27,52 @@ class RemoteCallTimeout(TimeoutError):
     """A remote method did not return within its timeout; the message names who stalled."""
 
 
+FAILURE_GRACE_S = 5.0
+"""After the first failure, how long to wait for the others: when a rank dies, its peers fail on closed
+connections within moments, and the one that died is the one to name."""
+
+
+def _failure(ref: ray.ObjectRef) -> Optional[Exception]:
+    try:
+        ray.get(ref, timeout=0)
+    except (RayTaskError, RayActorError) as exc:
+        return exc
+    return None
+
+
 def wait_named(refs: Sequence[ray.ObjectRef], names: Sequence[str], what: str, timeout_s: float) -> list[Any]:
-    """``ray.get`` with a deadline, translating stalls and failures into errors that name the culprit."""
+    """``ray.get`` with a deadline, translating stalls and failures into errors that name the culprit.
+
+    The first failure ends the wait (after ``FAILURE_GRACE_S`` for the failures it causes); of the failures
+    seen, an actor that died is named first, its peers' errors after it.
+    """
     refs = list(refs)
     if not refs:
         return []
-    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-    # Failures first: a crashed rank usually leaves its peers blocked in a collective.
-    results = []
-    for ref, name in zip(refs, names):
-        if ref in pending:
-            continue
-        try:
-            ray.get(ref, timeout=0)
-        except (RayTaskError, RayActorError) as exc:
-            cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
-            raise RemoteCallError(f"{what} failed on {name}: {type(cause).__name__}: {cause}") from cause
+    deadline = time.monotonic() + timeout_s
+    pending, failed = refs, []
+    while pending and not failed:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        failed += [(r, e) for r in ready if (e := _failure(r)) is not None]
+    if failed and pending:
+        grace = min(FAILURE_GRACE_S, max(0.0, deadline - time.monotonic()))
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=grace)
+        failed += [(r, e) for r in ready if (e := _failure(r)) is not None]
+    if failed:
+        name_of = dict(zip(refs, names))
+        failed.sort(key=lambda f: (not isinstance(f[1], RayActorError), refs.index(f[0])))
+        ref, exc = failed[0]
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        also = f" (then also failed: {', '.join(name_of[r] for r, _ in failed[1:])})" if len(failed) > 1 else ""
+        raise RemoteCallError(f"{what} failed on {name_of[ref]}: {type(cause).__name__}: {cause}{also}") from cause
     if pending:
         stalled = [n for r, n in zip(refs, names) if r in pending]
         raise RemoteCallTimeout(
             f"{what}: no answer from {', '.join(stalled)} within {timeout_s:.0f} s "
             "(raise train.timeout_s if the step is just slow; see the actor logs in the Ray dashboard otherwise)")
-    for ref in refs:
-        try:
-            results.append(ray.get(ref, timeout=0))
-        except GetTimeoutError:  # pragma: no cover - ray.wait said it was ready
-            raise
-    return results
+    return [ray.get(ref, timeout=0) for ref in refs]
 
 
 @dataclass
@@ -83,6 +103,8 @@ class WorkerGroup:
         if len(bundle_indices) != spec.num_workers:
             raise ValueError(f"{spec.name}: {spec.num_workers} workers but {len(bundle_indices)} bundles")
         self.name, self.timeout_s = spec.name, timeout_s
+        self.facts: list[dict[str, Any]] = []
+        """Each rank's setup facts (node, pid, device...), filled when the group has started."""
         remote_cls = ray.remote(spec.actor_cls)
         env = {"TOKENIZERS_PARALLELISM": "false", **(spec.env_vars or {})}
         self.actors = [
@@ -100,7 +122,14 @@ class WorkerGroup:
         return len(self.actors)
 
     def _names(self, ranks: Sequence[int]) -> list[str]:
-        return [f"{self.name}[rank {r}]" for r in ranks]
+        return [self.rank_name(r) for r in ranks]
+
+    def rank_name(self, rank: int) -> str:
+        """``name[rank r]``, with its node and pid once the group has started (what an error names)."""
+        if rank < len(self.facts):
+            f = self.facts[rank]
+            return f"{self.name}[rank {rank}] (node {f.get('node')}, pid {f.get('pid')})"
+        return f"{self.name}[rank {rank}]"
 
     def _remote(self, actor: Any, method: Callable) -> Any:
         return getattr(actor, method.__name__)

@@ -23,7 +23,7 @@ class SyncChannel:
         self.buckets = 0
 
     def _engine_names(self) -> list[str]:
-        return [f"rollout[engine {i}]" for i in range(self.rollout.num_engines)]
+        return [self.rollout.group.rank_name(i) for i in range(self.rollout.num_engines)]
 
     def open(self) -> dict[str, Any]:
         """Agree on the plan with the policy group and join every engine worker to the sync group."""
@@ -43,7 +43,7 @@ class SyncChannel:
         refs += [engine.init_weight_sync.remote(host, port, 1 + e * s.tensor_parallel_size, world, s.backend,
                                                 self.timeout_s, plans[0]) for e, engine in enumerate(engines)]
         # All ranks must join at once (a rendezvous); a missing one is named when the wait times out.
-        wait_named(refs, [f"{policy.name}[rank 0]"] + self._engine_names(), "weight_sync.init", self.timeout_s)
+        wait_named(refs, [policy.group.rank_name(0)] + self._engine_names(), "weight_sync.init", self.timeout_s)
         return {"backend": s.backend, "buckets": self.buckets, "world": world}
 
     def push(self) -> dict[str, float]:
@@ -59,7 +59,7 @@ class SyncChannel:
         else:
             send = policy.group.async_all(LearnerWorker.send_weights)
             recv = [e.receive_weights.remote(self.timeout_s) for e in engines]
-            names = [f"{policy.name}[rank {r}]" for r in range(policy.world)] + self._engine_names()
+            names = [policy.group.rank_name(r) for r in range(policy.world)] + self._engine_names()
             # One bounded wait over senders and receivers: a stall names whoever did not finish.
             sent = wait_named(send + recv, names, "weight_sync", self.timeout_s)[: policy.world]
         return {"seconds": time.perf_counter() - t0, "bytes": sum(r["bytes"] for r in sent)}

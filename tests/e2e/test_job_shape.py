@@ -62,6 +62,32 @@ def test_a_role_that_fails_to_start_leaves_no_actor_or_placement_group(ray_clust
     assert _wait_until(lambda: all(ray.available_resources().get(k, 0) == total[k] for k in ("CPU", "GPU")))
 
 
+def test_a_dead_rank_is_named_before_the_peers_it_broke(ray_cluster):
+    """A peer fails first on the closed connection; the rank that died a moment later is the one named."""
+    import os
+
+    import ray
+
+    from rlhf_ray.controller.worker_group import RemoteCallError, wait_named
+
+    @ray.remote(num_cpus=0)
+    class Rank:
+        def fail(self) -> None:
+            raise ConnectionError("Connection closed by peer")
+
+        def die(self, after_s: float) -> None:
+            time.sleep(after_s)
+            os._exit(1)
+
+    peer, doomed = Rank.remote(), Rank.remote()
+    t0 = time.monotonic()
+    with pytest.raises(RemoteCallError, match=r"(?s)^weight_sync failed on rollout\[rank 0\]: .*died.*"
+                                              r"\(then also failed: actor\[rank 0\]\)$"):
+        wait_named([peer.fail.remote(), doomed.die.remote(1.0)], ["actor[rank 0]", "rollout[rank 0]"],
+                   "weight_sync", timeout_s=120)
+    assert time.monotonic() - t0 < 30  # ended by the failures, not by the 120 s timeout
+
+
 def _sft(tiny_model_dir, out: Path, workers: int) -> list[dict]:
     from rlhf_ray.jobs.front import run_job
 
