@@ -3,8 +3,8 @@
 Pure torch, no side effects. Every loss returns one value per example, shape (B,); the objective
 (``rlhf_ray.objectives.preference``) scales and sums them so that the global batch gets the
 mean. Inputs are per-sequence log-probabilities of the *completion* tokens (prompt tokens excluded):
-summed over tokens for DPO / KTO (as in the papers), averaged over tokens for IPO (as TRL and the IPO authors'
-results) and SimPO.
+summed over tokens for DPO / IPO / KTO (as in the papers), averaged over tokens for SimPO;
+``dpo.length_normalized`` averages them for DPO and IPO too (IPO's form in TRL and the IPO authors' results).
 
 Pairwise DPO-family losses share one signature and sit in ``PREFERENCE_LOSSES`` (named by
 ``dpo.loss``). Each takes the chosen and rejected *log-ratios*
@@ -113,7 +113,7 @@ class PairwiseLoss:
 
 PREFERENCE_LOSSES: dict[str, PairwiseLoss] = {
     name: PairwiseLoss(fn, uses_reference=name not in REFERENCE_FREE_PREFERENCE_LOSSES, length_normalized=normalized)
-    for name, fn, normalized in (("sigmoid", dpo_sigmoid_loss, False), ("ipo", ipo_loss, True),
+    for name, fn, normalized in (("sigmoid", dpo_sigmoid_loss, False), ("ipo", ipo_loss, False),
                                  ("simpo", simpo_loss, True))
 }
 """Pairwise preference losses by ``dpo.loss`` name."""

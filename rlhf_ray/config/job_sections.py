@@ -181,6 +181,10 @@ class DPOConfig:
     """Weight of an extra NLL term on the chosen response (RPO-style)."""
     simpo_gamma: float = 0.5
     """SimPO target reward margin."""
+    length_normalized: Optional[bool] = None
+    """Average the completion log-probs per token instead of summing them; None: the loss's own form (summed for
+    sigmoid and ipo as in their papers, averaged for simpo). ``ipo`` with true is the form TRL trains and the IPO
+    authors' reported results used (summed, a long pair's gap cannot settle near 1 / (2 beta))."""
     reference: Literal["precompute", "group"] = "precompute"
     """precompute: reference log-probs in one pass of the untrained policy before training (no second model
     in memory); group: a frozen reference learner group scores every step. Unused by simpo."""
@@ -192,6 +196,8 @@ class DPOConfig:
                "applies to the sigmoid and simpo losses only; set it to 0 with loss: ipo")
         _check(self.nll_coef >= 0, "nll_coef", "must be >= 0")
         _check(self.simpo_gamma >= 0, "simpo_gamma", f"must be >= 0, got {self.simpo_gamma}")
+        _check(self.loss != "simpo" or self.length_normalized is not False, "length_normalized",
+               "simpo is defined on per-token averages; leave it unset (or true) with loss: simpo")
 
 
 @dataclass

@@ -5,7 +5,8 @@ the global batch, on summed completion log-probs of chosen / rejected under the 
 reference (the starting model, ``model.path``):
     sigmoid  DPO, -log sigmoid(beta * h) with h the chosen minus rejected log-ratio; conservative DPO
              with ``dpo.label_smoothing`` > 0
-    ipo      IPO, (h - 1 / (2 beta))^2 with h on per-token mean log-probs
+    ipo      IPO, (h - 1 / (2 beta))^2
+(``dpo.length_normalized: true`` takes per-token mean log-probs instead of sums, for sigmoid and ipo)
     simpo    SimPO, reference-free: -log sigmoid(beta * (avg logp_w - avg logp_l) - dpo.simpo_gamma)
 plus ``dpo.nll_coef`` x the chosen completion's per-token NLL (RPO). Chosen and rejected run as one
 concatenated forward per micro-batch. Logged (``train/`` and, on held-out pairs, ``eval/``): implicit
@@ -19,10 +20,9 @@ second model is in memory; ``group`` starts a frozen reference learner group (sa
 settings; it shares the policy's GPUs under ``placement.mode: shared``) that scores every step.
 
 Departs from the paper: the reference is the model you start from (the paper first fine-tunes on
-the chosen completions when no SFT model exists: run ``job: sft`` first for that). IPO averages the
-log-probs per completion token, as TRL does and as the IPO authors' reported results used (the paper's
-formula sums them; summed, a long pair's gap cannot settle near 1 / (2 beta)). The NLL term is normalised
-per pair.
+the chosen completions when no SFT model exists: run ``job: sft`` first for that). IPO sums the log-probs
+as the paper's formula does; ``dpo.length_normalized: true`` gives the per-token mean that TRL trains and
+the IPO authors' reported results used. The NLL term is normalised per pair.
 
 Launch:
     rlhf-ray train examples/dpo_tiny_cpu.yaml                       # this machine (CPU or GPUs)

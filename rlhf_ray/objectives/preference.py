@@ -92,7 +92,8 @@ class DPOLoss:
     """A ``PREFERENCE_LOSSES`` loss (+ ``nll_coef`` x chosen NLL), a mean over the pairs of the global batch.
 
     Implicit rewards (the metrics) are beta x the loss's chosen / rejected inputs: beta x (policy -
-    reference) summed log-probs for DPO, per-token mean log-probs for IPO, beta x the average log-prob for SimPO.
+    reference) summed log-probs for DPO / IPO (per-token means with ``length_normalized``), beta x the average
+    log-prob for SimPO.
     """
 
     loss: str
@@ -100,11 +101,16 @@ class DPOLoss:
     label_smoothing: float
     gamma: float
     nll_coef: float
+    length_normalized: bool = False
+    """Per-token mean log-probs instead of sums (``dpo.length_normalized``, default: the loss's own form)."""
 
     @classmethod
     def from_config(cls, cfg: "Config") -> "DPOLoss":
         d = cfg.dpo
-        return cls(d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef)
+        normalized = d.length_normalized
+        if normalized is None:
+            normalized = PREFERENCE_LOSSES[d.loss].length_normalized
+        return cls(d.loss, d.beta, d.label_smoothing, d.simpo_gamma, d.nll_coef, normalized)
 
     @property
     def uses_reference(self) -> bool:
@@ -114,10 +120,10 @@ class DPOLoss:
         spec = PREFERENCE_LOSSES[self.loss]
         logps, lengths = completion_logps(model, mb)
         pc, pr = logps.view(2, -1)
-        values = logps / lengths.clamp(min=1) if spec.length_normalized else logps
+        values = logps / lengths.clamp(min=1) if self.length_normalized else logps
         if spec.uses_reference:
             ref = mb[REF_KEY].to(logps).T.reshape(-1)  # (2B,) chosen then rejected, like the rows
-            values = values - (ref / lengths.clamp(min=1) if spec.length_normalized else ref)
+            values = values - (ref / lengths.clamp(min=1) if self.length_normalized else ref)
         c, r = values.view(2, -1)
         losses = spec.fn(c, r, self.beta, self.label_smoothing, self.gamma)
         metrics = {}

@@ -246,6 +246,37 @@ def test_lockstep_calls_keep_ranks_in_step():
     assert [c.counted for c in calls] == [[True, True], [True, False]]
 
 
+def test_ipo_length_normalized_takes_per_token_mean_log_ratios(tiny_model_dir, tok):
+    """dpo.length_normalized: IPO's regression target on the mean log-ratio per completion token (policy and
+    reference alike); unset, IPO keeps the paper's summed form; simpo refuses to be un-normalised."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.config.schema import DataConfig
+    from rlhf_ray.data.batching import pad_batch
+    from rlhf_ray.data.demo import make_demo_rows
+    from rlhf_ray.data.preference import tokenize_pairs
+    from rlhf_ray.data.sources import RowSet
+    from rlhf_ray.objectives.common import BatchTotals
+    from rlhf_ray.objectives.preference import DPOLoss, completion_logps
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pairs = tokenize_pairs(RowSet(make_demo_rows("preferences", 3), ["0", "1", "2"], "p"), tok, DataConfig()).examples
+    mb = pad_batch([e["chosen"] for e in pairs] + [e["rejected"] for e in pairs], tok.pad_token_id)
+    mb["ref_logps"] = torch.tensor([[-40.0, -45.0], [-50.0, -38.0], [-30.0, -60.0]])  # (B, 2) chosen, rejected
+    cfg = lambda **o: load_config(values={"job": "dpo", "model.path": tiny_model_dir, "dpo.loss": "ipo",  # noqa: E731
+                                          "dpo.beta": 0.5, **o})
+    assert not DPOLoss.from_config(cfg()).length_normalized
+    normalized = DPOLoss.from_config(cfg(**{"dpo.length_normalized": True}))
+    with torch.no_grad():
+        _, m = normalized(model, mb, BatchTotals(sequences=3))
+        logps, lengths = completion_logps(model, mb)
+    ratios = (logps - mb["ref_logps"].T.reshape(-1)) / lengths  # chosen rows, then rejected rows
+    c, r = ratios.view(2, -1)
+    assert m["loss_sum"] == pytest.approx(float(((c - r - 1 / (2 * 0.5)) ** 2).sum()), rel=1e-5)
+    with pytest.raises(ConfigError, match="dpo.length_normalized: simpo is defined on per-token averages"):
+        cfg(**{"dpo.loss": "simpo", "dpo.length_normalized": False})
+
+
 def test_objectives_at_the_reference_and_split_invariance(tiny_model_dir, tok):
     from transformers import AutoModelForCausalLM
 

@@ -85,8 +85,7 @@ def test_chosen_nll_is_per_token():
 def test_registry():
     assert set(PREFERENCE_LOSSES) == {"sigmoid", "ipo", "simpo"}
     assert PREFERENCE_LOSSES["sigmoid"].fn is dpo_sigmoid_loss and PREFERENCE_LOSSES["sigmoid"].uses_reference
-    # IPO on per-token mean log-ratios, as TRL trains it and as the IPO authors' reported results used
-    assert PREFERENCE_LOSSES["ipo"].uses_reference and PREFERENCE_LOSSES["ipo"].length_normalized
+    assert PREFERENCE_LOSSES["ipo"].uses_reference and not PREFERENCE_LOSSES["ipo"].length_normalized
     s = PREFERENCE_LOSSES["simpo"]
     assert not s.uses_reference and s.length_normalized
     # every entry takes the shared signature (chosen, rejected, beta, label_smoothing, gamma)
