@@ -21,7 +21,10 @@ import sys
 import time
 from pathlib import Path
 
-EXCLUDES = [".git", "runs", ".gpu", ".whl", "benchmarks/out", "**/__pycache__", "wandb", ".pytest_cache"]
+EXCLUDES = [".git", "runs", ".gpu", ".whl", "benchmarks/out", "**/__pycache__", "wandb", ".pytest_cache",
+            # credentials never travel with the code (the upload is readable by anyone who can read the job)
+            ".env", ".env.*", "**/.env", "**/.env.*", "*.pem", "*.key", ".netrc", ".aws", ".ssh", "**/credentials*"]
+SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "API_KEY", "ACCESS_KEY", "PRIVATE_KEY")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -69,6 +72,11 @@ def connect(address: str):
     except Exception as exc:  # noqa: BLE001 - ConnectionError, auth and URL errors: all one line to the user
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SubmitError(f"cannot reach the Ray dashboard at {address}: {first}") from None
+
+
+def secret_env_keys(env: dict[str, str]) -> list[str]:
+    """The ``--env`` keys that look like secrets (their values are shown in the job's runtime env)."""
+    return [k for k in env if any(word in k.upper() for word in SECRET_WORDS)]
 
 
 def submit(address: str, config: str, overrides: list[str], working_dir: str = ".", pip: list[str] | None = None,
@@ -154,8 +162,13 @@ def main(argv: list[str] | None = None) -> int:
         if bad_env:
             raise SubmitError(f"--env {bad_env[0]!r}: expected KEY=VALUE")
         check_config(args.config, args.overrides, args.working_dir)
-        client, job_id = submit(address, args.config, args.overrides, args.working_dir, args.pip,
-                                dict(kv.split("=", 1) for kv in args.env), args.submission_id)
+        env = dict(kv.split("=", 1) for kv in args.env)
+        for key in secret_env_keys(env):
+            print(f"submit: warning: --env {key} looks like a secret; its value is stored in the job's runtime env, "
+                  "which anyone who can list jobs (dashboard, `ray job list`) can read. Prefer a variable the "
+                  "cluster's nodes already hold, or a mounted file.", file=sys.stderr)
+        client, job_id = submit(address, args.config, args.overrides, args.working_dir, args.pip, env,
+                                args.submission_id)
     except SubmitError as exc:
         print(f"submit: {exc}", file=sys.stderr)
         return 2

@@ -251,3 +251,21 @@ def test_node_selector_override_from_the_command_line():
                                                             "placement.role_strategy.learner=STRICT_SPREAD"])
     assert cfg.placement.node_selector == {"learner": {POOL: "in(a,b)"}}
     assert cfg.placement.role_strategy == {"learner": "STRICT_SPREAD"}
+
+
+def test_submit_leaves_credentials_out_of_the_upload_and_flags_secret_env(tmp_path):
+    """launch/submit.py's excludes, through Ray's own matcher: .env files and keys stay home, the code goes."""
+    import importlib.util
+
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    spec = importlib.util.spec_from_file_location("submit", Path(__file__).resolve().parents[2] / "launch/submit.py")
+    submit = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(submit)
+    excluded = _get_excludes(tmp_path, submit.EXCLUDES)
+    for rel in (".env", ".env.local", "examples/.env", "deploy/key.pem", ".aws/credentials", "conf/credentials.json"):
+        assert excluded(tmp_path / rel), rel
+    for rel in ("rlhf_ray/cli.py", "examples/grpo_tiny_cpu.yaml", "README.md", "launch/env.sh"):
+        assert not excluded(tmp_path / rel), rel
+    assert submit.secret_env_keys({"HF_TOKEN": "x", "WANDB_API_KEY": "y", "NCCL_DEBUG": "INFO"}) == \
+        ["HF_TOKEN", "WANDB_API_KEY"]
