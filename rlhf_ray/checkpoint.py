@@ -117,6 +117,12 @@ class CheckpointDir:
         return json.loads((path / "trainer_state.json").read_text())
 
 
+def data_fingerprint(data_path: str, n_items: int) -> dict[str, Any]:
+    """What a checkpoint records of the data it was trained on (``trainer_state.json``'s ``data``): the configured
+    source and how many training items (examples or prompts) it gave."""
+    return {"path": data_path, "items": n_items}
+
+
 def publish_final(model_dir: Path, output_dir: str | os.PathLike) -> Path:
     """Copy a checkpoint's HF model to ``<output_dir>/final`` atomically (copy aside, then rename)."""
     final = Path(output_dir) / "final"

@@ -187,7 +187,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     eval_every: int = 0
     resume: bool = False
-    """Continue from the latest checkpoint in output_dir: step, data position, optimizer, scheduler, RNG."""
+    """Continue from the latest checkpoint in output_dir: step, data position, optimizer, scheduler, RNG. A
+    checkpoint of another job is refused; one trained from another model or data is refused unless
+    ``resume_mismatch_ok``."""
+    resume_mismatch_ok: bool = False
+    """Resume a checkpoint whose model path or data (path, item count) differ from this config's, on purpose."""
     overwrite: bool = False
     """Start over in an output_dir that already holds a run (its metrics and checkpoints are deleted)."""
     seed: int = 1234

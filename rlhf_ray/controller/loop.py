@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from rlhf_ray.checkpoint import CheckpointDir, publish_final
+from rlhf_ray.checkpoint import CheckpointDir, data_fingerprint, publish_final
 from rlhf_ray.config import ConfigError, to_dict
 from rlhf_ray.config.schema import RL_JOBS
 from rlhf_ray.data.batching import iter_epoch_batches
@@ -139,7 +139,9 @@ class TrainLoop:
         self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
         epoch, pos = self.order.position(step)
         return self.ckpt.finalize(step, {"step": step, "epoch": epoch, "batch_in_epoch": pos, "job": self.cfg.job,
-                                         "model": self.resolved.paths.model, **self.extra_state()})
+                                         "model": self.resolved.paths.model,
+                                         "data": data_fingerprint(self.cfg.data.path, self.order.n_items),
+                                         **self.extra_state()})
 
     def resume(self) -> int:
         """Load the latest checkpoint when ``train.resume``; returns the step to continue from."""

@@ -74,14 +74,33 @@ def check_output_dir(resolved: "Resolved") -> None:
     if tc.resume and latest is None and (out / "metrics.jsonl").exists():
         raise ConfigError(f"train.resume: {out} has no complete checkpoint to resume from, and starting over there "
                           "would drop its metrics.jsonl; set train.resume=false train.overwrite=true to start over")
-    if latest is not None:
-        state = CheckpointDir.read_state(latest)
-        if state.get("job", cfg.job) != cfg.job:
-            raise ConfigError(f"train.resume: the latest checkpoint in {out} ({latest.name}) is of job "
-                              f"{state['job']}, not {cfg.job}; pick another train.output_dir")
-        if state.get("model", resolved.paths.model) != resolved.paths.model:
-            log.warning("resuming %s, trained from %s, with model.path %s: the checkpoint's weights are used",
-                        latest, state["model"], resolved.paths.model)
+
+
+def check_resume(resolved: "Resolved", n_items: int) -> None:
+    """With ``train.resume``: the latest checkpoint must be of this job, and of this model and data unless
+    ``train.resume_mismatch_ok`` (no writes; before anything starts)."""
+    from rlhf_ray.checkpoint import CheckpointDir, data_fingerprint
+
+    cfg, out = resolved.config, Path(resolved.paths.output_dir)
+    latest = CheckpointDir(out).latest() if cfg.train.resume else None
+    if latest is None:
+        return
+    state = CheckpointDir.read_state(latest)
+    if state.get("job", cfg.job) != cfg.job:
+        raise ConfigError(f"train.resume: the latest checkpoint in {out} ({latest.name}) is of job "
+                          f"{state['job']}, not {cfg.job}; pick another train.output_dir")
+    differs = []
+    if state.get("model", resolved.paths.model) != resolved.paths.model:
+        differs.append(f"model.path {state['model']} -> {resolved.paths.model}")
+    data = data_fingerprint(cfg.data.path, n_items)
+    if state.get("data", data) != data:
+        differs.append(f"data {state['data']} -> {data}")
+    if differs and not cfg.train.resume_mismatch_ok:
+        raise ConfigError(f"train.resume: the latest checkpoint in {out} ({latest.name}) was trained on another "
+                          f"{' and '.join(d.split(' ', 1)[0] for d in differs)}: {'; '.join(differs)}. Set "
+                          "train.resume_mismatch_ok=true to resume it anyway")
+    for d in differs:
+        log.warning("resuming %s despite a changed %s", latest, d)
 
 
 class OutputDirLock:

@@ -69,12 +69,13 @@ def job_of(cfg: Config) -> Job:
 
 def run_job(cfg: Config, job: Optional[Job] = None) -> dict[str, Any]:
     """Run ``job`` (default: the one ``cfg.job`` names) end to end; returns its result plus ``data`` (row counts)."""
-    from rlhf_ray.jobs.common import OutputDirLock, check_output_dir
+    from rlhf_ray.jobs.common import OutputDirLock, check_output_dir, check_resume
 
     job = job or job_of(cfg)
     resolved, tokenizer, (train, evaluation, counts) = prepare(cfg)
     schedule = make_schedule(resolved, len(train)) if job.trains else None
     check_output_dir(resolved)
+    check_resume(resolved, len(train))
     with OutputDirLock(resolved.paths.output_dir):
         result = _run_locked(cfg, job, tokenizer, train, evaluation, schedule)
     result["data"] = counts

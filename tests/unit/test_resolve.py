@@ -83,19 +83,23 @@ def test_name_tables_match_the_registries():
     assert typing.get_args(typing.get_type_hints(DPOConfig)["loss"]) == names.PREFERENCE_LOSS_NAMES
 
 
-def test_resuming_another_jobs_checkpoint_is_refused_before_anything_starts(tmp_path):
+def test_resuming_another_job_model_or_data_is_refused_before_anything_starts(tmp_path):
     from rlhf_ray.checkpoint import CheckpointDir
-    from rlhf_ray.jobs.common import check_output_dir
+    from rlhf_ray.jobs.common import check_resume
 
     ckpt = CheckpointDir(tmp_path)
     ckpt.staging(2)
-    ckpt.finalize(2, {"step": 2, "job": "sft", "model": "/elsewhere/model"})
-    dpo = load_config(values={"job": "dpo", "model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
+    ckpt.finalize(2, {"step": 2, "job": "sft", "model": "/elsewhere/model", "data": {"path": "d.jsonl", "items": 10}})
+    values = {"model.path": "/elsewhere/model", "data.path": "d.jsonl", "train.output_dir": str(tmp_path),
+              "train.resume": True}
     with pytest.raises(ConfigError, match=r"train.resume: the latest checkpoint in .* \(step_000002\) is of job sft, "
                                           r"not dpo"):
-        check_output_dir(resolve(dpo))
-    sft = load_config(values={"job": "sft", "model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
-    check_output_dir(resolve(sft))  # the same job resumes (another model path is only warned about)
+        check_resume(resolve(load_config(values={**values, "job": "dpo"})), 10)
+    check_resume(resolve(load_config(values=values)), 10)  # the same job, model and data
+    with pytest.raises(ConfigError, match=r"was trained on another model.path and data: model.path /elsewhere/model "
+                                          r"-> /mine; data .*'items': 10.* -> .*'items': 12"):
+        check_resume(resolve(load_config(values={**values, "model.path": "/mine"})), 12)
+    check_resume(resolve(load_config(values={**values, "model.path": "/mine", "train.resume_mismatch_ok": True})), 12)
 
 
 def test_a_missing_local_model_dir_is_named_not_looked_up_on_the_hub(tmp_path, monkeypatch):
