@@ -19,6 +19,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import re
 import threading
 import time
 import traceback
@@ -29,7 +30,15 @@ RowFields = dict[str, list]
 
 
 class RewardError(RuntimeError):
-    """A reward source failed, timed out, or returned something that is not one finite float per sample."""
+    """A reward source failed, timed out, or returned something that is not one finite float per sample.
+
+    ``public``: the same failure without the samples' text, file paths or the raised message (what the reward
+    server may send to a client); None where there is no such summary.
+    """
+
+    def __init__(self, message: str, public: Optional[str] = None):
+        super().__init__(message)
+        self.public = public
 
 
 class RewardSource(ABC):
@@ -45,6 +54,10 @@ class RewardSource(ABC):
     def describe(self) -> str:
         """How error messages name this source (e.g. ``reward function 'f' from /path/file.py``)."""
         return f"reward {self.name!r}"
+
+    def public_describe(self) -> str:
+        """``describe()`` without local file paths (what the reward server may show a remote client)."""
+        return self.describe()
 
     def check(self) -> None:
         """Raise ``RewardError`` when the source cannot work at all (an endpoint that is down), before a run
@@ -159,13 +172,17 @@ def checked_scores(source: RewardSource, prompts: list[str], responses: list[str
         raw = _call_with_timeout(lambda: source.score(prompts, responses, row_fields), timeout_s)
     except _TimedOut:
         raise RewardError(f"{source.describe()} timed out after {timeout_s:g} s on a batch of {n} samples "
-                          f"(first: {_sample(prompts, responses, 0)})") from None
+                          f"(first: {_sample(prompts, responses, 0)})",
+                          f"{source.public_describe()} timed out after {timeout_s:g} s on a batch of {n} samples") from None
     except _Raised as raised:
         exc = raised.exc
         if isinstance(exc, RewardError):
             raise exc  # already names its source (an HTTP endpoint, a nested check)
         index = _first_failing_sample(source, prompts, responses, row_fields, deadline)
-        raise RewardError(_raised_message(source, exc, n, index, prompts, responses)) from exc
+        on = f"on a batch of {n} samples" if index is None else f"on sample {index}"
+        message = _redact(str(exc), prompts, responses)
+        public = f"{source.public_describe()} raised {type(exc).__name__}: {message} {on}"
+        raise RewardError(_raised_message(source, exc, n, index, prompts, responses), public) from exc
     return _validate(source, raw, prompts, responses)
 
 
@@ -243,6 +260,17 @@ def _raised_message(source: RewardSource, exc: BaseException, n: int, index: Opt
     return f"{source.describe()} raised {type(exc).__name__}: {exc}{where} {on}"
 
 
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[\w.-]+/)+[\w.-]+")
+
+
+def _redact(text: str, prompts: list[str], responses: list[str]) -> str:
+    """``text`` with the batch's prompts and responses and any absolute file path replaced by placeholders."""
+    for sample in sorted(set(prompts) | set(responses), key=len, reverse=True):
+        if len(sample) >= 4:
+            text = text.replace(sample, "<sample>")
+    return _ABS_PATH.sub("<path>", text)
+
+
 def _validate(source: RewardSource, raw: Any, prompts: list[str], responses: list[str]) -> list[float]:
     """``raw`` as a list of ``len(prompts)`` finite floats, or a RewardError naming the first bad index."""
     n = len(prompts)
@@ -250,20 +278,24 @@ def _validate(source: RewardSource, raw: Any, prompts: list[str], responses: lis
         raw = raw.tolist()  # numpy arrays and torch tensors are fine answers; a 0-d one becomes a scalar
     if not isinstance(raw, (list, tuple)):
         raise RewardError(f"{source.describe()} returned {type(raw).__name__} {_excerpt(repr(raw))}; "
-                          f"expected a list of {n} floats")
+                          f"expected a list of {n} floats",
+                          f"{source.public_describe()} returned {type(raw).__name__}; expected a list of {n} floats")
     if len(raw) != n:
         raise RewardError(f"{source.describe()} returned {len(raw)} scores for a batch of {n} samples "
-                          f"(expected {n}, got {len(raw)})")
+                          f"(expected {n}, got {len(raw)})",
+                          f"{source.public_describe()} returned {len(raw)} scores for a batch of {n} samples")
     out = []
     for i, v in enumerate(raw):
         if hasattr(v, "item") and not isinstance(v, numbers.Real):
             v = v.item()  # a list of 0-d tensors / numpy scalars
         if not isinstance(v, numbers.Real):
             raise RewardError(f"{source.describe()} returned a non-number at index {i}: "
-                              f"{type(v).__name__} {_excerpt(repr(v))} ({_sample(prompts, responses, i)})")
+                              f"{type(v).__name__} {_excerpt(repr(v))} ({_sample(prompts, responses, i)})",
+                              f"{source.public_describe()} returned a non-number ({type(v).__name__}) at index {i}")
         f = float(v)
         if not math.isfinite(f):
-            raise RewardError(f"{source.describe()} returned {f} at index {i} ({_sample(prompts, responses, i)})")
+            raise RewardError(f"{source.describe()} returned {f} at index {i} ({_sample(prompts, responses, i)})",
+                              f"{source.public_describe()} returned {f} at index {i}")
         out.append(f)
     return out
 

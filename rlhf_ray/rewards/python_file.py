@@ -41,6 +41,9 @@ class FileReward(FunctionReward):
                          description=f"reward function {func_name!r} from {os.path.abspath(path)}")
         self.path, self.func_name = path, func_name
 
+    def public_describe(self) -> str:
+        return f"reward function {self.func_name!r}"
+
     def __getstate__(self) -> dict[str, Any]:
         # The function object itself may not pickle (closures over module state, a module that is
         # not importable by name on the worker); the spec always does.

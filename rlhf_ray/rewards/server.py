@@ -12,8 +12,9 @@ trainer's client sends it from the same variable. The CLI refuses to listen beyo
 (``--allow-unauthenticated`` to insist). Bodies are capped (``--max-body-mb``), a client that stops sending
 is dropped after ``--read-timeout-s``, and at most ``--max-concurrent`` requests are served at once (the
 next ones wait in the listen queue).
-A request that is not a valid batch gets a 400, a reward that fails gets a 500 with the
-:class:`RewardError` message, so the trainer's error names the remote function too. Requests are
+A request that is not a valid batch gets a 400, a reward that fails gets a 500 naming the function and
+what went wrong (type, sample index), so the trainer's error names the remote function too; prompts,
+responses, file paths and the raised message stay in the server's log. Requests are
 served on threads (``ThreadingHTTPServer``); the reward function must tolerate concurrent calls.
 Run it with ``-m`` as above: started as ``python rlhf_ray/rewards/server.py``, the ``http.py``
 beside it would shadow the standard library's ``http`` package.
@@ -120,8 +121,9 @@ class _RewardHandler(BaseHTTPRequestHandler):
         try:
             rewards = checked_scores(self.source, prompts, responses, row_fields, self.timeout_s)
         except RewardError as exc:
-            log.error("%s", exc)
-            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": str(exc)})
+            log.error("%s", exc)  # the whole story stays here; the client gets no samples, paths or messages
+            public = exc.public or f"reward {self.source.name!r} failed on this batch (see the server's log)"
+            self._send(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": public})
             return
         self._send(HTTPStatus.OK, {"rewards": rewards})
 

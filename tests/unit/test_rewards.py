@@ -492,3 +492,17 @@ def test_an_endpoint_that_is_down_is_named_when_the_rewards_are_built():
         build_function_reward(RewardConfig(functions=["builtin:math", url]))
     with served(constant(1.0, "one")) as up:
         assert build_function_reward(RewardConfig(functions=[up])) is not None
+
+
+def test_server_errors_keep_prompts_paths_and_messages_home(tmp_path):
+    path = write_reward(tmp_path, "def reward_fn(prompts, responses, **_):\n"
+                                  "    raise ValueError('secret-in-message ' + prompts[0])\n")
+    from rlhf_ray.rewards import build_reward_source
+
+    with served(build_reward_source(path, 5.0)) as url:
+        with pytest.raises(RewardError) as info:
+            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["private prompt"], ["r"], {})
+    msg = str(info.value)
+    assert "HTTP 500" in msg and "reward function 'reward_fn' raised ValueError: secret-in-message <sample> on " \
+                                 "sample 0" in msg, msg
+    assert "private prompt" not in msg and str(tmp_path) not in msg, msg
