@@ -69,7 +69,7 @@ class OnlineDPOLoop(RolloutLoop):
         t_step = time.perf_counter()
 
         # 1-2. generate and score
-        batch, gens, rows = self.generate(prompts, timer)
+        batch, gens, rows = self.generate(prompts, timer, step)
         metrics = self.score(batch, rows, timer)
 
         # 3. pairs

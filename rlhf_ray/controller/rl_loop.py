@@ -55,7 +55,7 @@ class RLLoop(RolloutLoop):
         t_step = time.perf_counter()
 
         # 1. generate
-        batch, gens, rows = self.generate(prompts, timer)
+        batch, gens, rows = self.generate(prompts, timer, step)
 
         # 2. score: remote forwards start first, the reward functions run here meanwhile
         forwards = {}

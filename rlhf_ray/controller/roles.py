@@ -209,6 +209,10 @@ class RolloutRole:
         return wait_named([ref], [self.group.rank_name(engine)], "rollout.sequence_logprobs", self.timeout_s)[0]
 
     # ---- memory ---------------------------------------------------------------------------------
+    def reseed(self, seed: int) -> None:
+        """Seed every engine's next sampling (engine i: seed + i)."""
+        self.group.call_all(RolloutWorker.reseed, seed)
+
     def sleep(self) -> float:
         return max(self.group.call_all(RolloutWorker.sleep))
 

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+import numpy as np
+
 from rlhf_ray.controller.loop import Schedule, TrainLoop
 from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
 from rlhf_ray.controller.rl_metrics import rollout_metrics
@@ -65,9 +67,15 @@ class RolloutLoop(TrainLoop):
         """The prompts of ``step`` (epochs over the prompt set, reshuffled per epoch)."""
         return [self.prompts[i] for i in self.order.batch(step)]
 
-    def generate(self, prompts: list, timer: PhaseTimer) -> tuple[Any, Any, list]:
+    def sampling_seed(self, step: int) -> int:
+        """The seed of ``step``'s sampling: a function of (engine seed, step) only."""
+        return int(np.random.SeedSequence([self.resolved.role("rollout").seed, step]).generate_state(1)[0])
+
+    def generate(self, prompts: list, timer: PhaseTimer, step: int) -> tuple[Any, Any, list]:
         """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
-        the raw generations, and each sequence's prompt example."""
+        the raw generations, and each sequence's prompt example. The engines are reseeded for ``step`` first,
+        so a run resumed at any step draws the samples an uninterrupted run drew."""
+        self.roles.rollout.reseed(self.sampling_seed(step))
         with timer("generate"):
             batch, gens = self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
                                                       self.tokenizer.pad_token_id)

@@ -80,7 +80,7 @@ class RolloutEngine:
         import torch
         from vllm import LLM
 
-        from rlhf_ray.weight_sync.engine import EXTENSION
+        from rlhf_ray.engines.vllm_extension import EXTENSION
 
         cfg = self.cfg = spec.rollout
         self.on_gpu = torch.cuda.is_available()
@@ -155,6 +155,10 @@ class RolloutEngine:
             entries = out.prompt_logprobs[1:]
             result.append(np.asarray([e[t].logprob for e, t in zip(entries, seq[1:])], dtype=np.float32))
         return result
+
+    def reseed(self, seed: int) -> None:
+        """Seed the next generation's sampling on every worker (``vllm_extension.rlhf_reseed``)."""
+        self.llm.collective_rpc("rlhf_reseed", args=(seed,))
 
     # ---- memory (hybrid placement on GPU) ----------------------------------------------------------
     def sleep(self) -> float:

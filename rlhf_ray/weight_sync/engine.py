@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-EXTENSION = "rlhf_ray.weight_sync.vllm_receiver.WeightSyncExtension"
-"""``LLM(worker_extension_cls=...)``: what every vLLM worker process gets."""
 
 
 def join_sync_group(llm: Any, host: str, port: int, rank_offset: int, world_size: int, backend: str,

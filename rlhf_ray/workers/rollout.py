@@ -32,6 +32,10 @@ class RolloutWorker:
     def sequence_logprobs(self, sequences: list[list[int]]):
         return self.engine.sequence_logprobs(sequences)
 
+    def reseed(self, seed: int) -> None:
+        """Engine i samples the next batch from seed + i."""
+        self.engine.reseed(seed + self.rank)
+
     # ---- weight sync (rlhf_ray.weight_sync) -----------------------------------------------------
     def init_weight_sync(self, host: str, port: int, rank_offset: int, world_size: int, backend: str,
                          timeout_s: float, plan_buckets: list) -> list[dict]:
