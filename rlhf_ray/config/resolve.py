@@ -57,7 +57,10 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
         sync = SyncSettings(_sync_backend(cfg, accel), cfg.rollout.weight_sync_bucket_mb,
                             auto_dtype(cfg.model.dtype, on_cuda), cfg.rollout.tensor_parallel_size)
     roles = _roles(cfg, paths, batch, reference, on_cuda)
-    return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles)
+    max_restarts = cfg.train.max_restarts
+    if max_restarts is None:
+        max_restarts = 3 if cfg.job in RL_JOBS and cfg.job != "best_of_n" else 0
+    return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles, max_restarts)
 
 
 # ---- paths ----------------------------------------------------------------------------------------

@@ -173,6 +173,8 @@ class Resolved:
     sync: Optional[SyncSettings]
     roles: tuple[RoleSpec, ...]
     """In placement-request order (the planner's pools follow it)."""
+    max_restarts: int
+    """``train.max_restarts``, or its default for the job (3 for the rollout jobs, 0 for the others)."""
 
     @property
     def job(self) -> str:
@@ -187,6 +189,12 @@ class Resolved:
     def swaps_memory(self) -> bool:
         """Hybrid placement on GPUs: vLLM sleeps while the learners train, the learners offload while it generates."""
         return self.on_gpu and self.config.placement.mode == "hybrid"
+
+    def resuming(self) -> "Resolved":
+        """The same run, to be continued from its latest checkpoint (what a recovery restarts): ``train.resume``
+        on, ``train.overwrite`` off. Nothing else that was derived depends on either."""
+        train = dataclasses.replace(self.config.train, resume=True, overwrite=False)
+        return dataclasses.replace(self, config=dataclasses.replace(self.config, train=train))
 
     def role(self, name: str) -> Optional[Any]:
         """The spec of role ``name`` (a group name: actor, reference, critic, reward_model, rollout, learner)."""
@@ -228,4 +236,5 @@ class Resolved:
         return {"accelerator": self.accelerator, "paths": dataclasses.asdict(self.paths),
                 "batch": dataclasses.asdict(self.batch), "reference": self.reference,
                 "rl": dataclasses.asdict(self.rl) if self.rl else None,
-                "sync": dataclasses.asdict(self.sync) if self.sync else None, "roles": roles, "placement": pools}
+                "sync": dataclasses.asdict(self.sync) if self.sync else None, "roles": roles, "placement": pools,
+                "max_restarts": self.max_restarts}

@@ -196,7 +196,17 @@ class TrainConfig:
     """Start over in an output_dir that already holds a run (its metrics and checkpoints are deleted)."""
     seed: int = 1234
     timeout_s: float = 600.0
-    """Upper bound for any one remote call or collective; a stall past it ends the run with an error naming it."""
+    """Upper bound for any one remote call or collective; a stall past it ends the run with an error naming it
+    (or, within ``max_restarts``, starts a recovery)."""
+    start_timeout_s: float = 1800.0
+    """Upper bound for starting a role (placement groups ready, models loaded, vLLM engines up): far longer
+    than any step's call on GPUs, where an engine start loads weights and captures CUDA graphs."""
+    max_restarts: Optional[int] = None
+    """How many faults a run recovers from by itself (default: 3 for rollout jobs, 0 for the others). A fault
+    is an actor that died (a rollout engine or a learner rank) or a call past ``timeout_s``: a dead or stalled
+    rollout engine is replaced in place and its step redone; anything else removes every role, starts them
+    again and resumes from the latest checkpoint. An error raised by the code itself (bad data, a non-finite
+    loss, a reward function's exception) is not a fault: it would happen again, so the run stops on it."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
@@ -204,6 +214,8 @@ class TrainConfig:
         _check(self.save_every >= 0, "save_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
+        _check(self.start_timeout_s > 0, "start_timeout_s", "must be > 0")
+        _check(self.max_restarts is None or self.max_restarts >= 0, "max_restarts", "must be >= 0")
 
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")

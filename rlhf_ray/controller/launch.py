@@ -45,9 +45,9 @@ class PendingRole:
     group: WorkerGroup
     refs: list
 
-    def ready(self, timeout_s: float) -> Role:
-        """Wait (bounded) for every worker's setup; a failing rank is named."""
-        facts = self.group.wait(self.refs, "setup")
+    def ready(self, timeout_s: float, start_timeout_s: float) -> Role:
+        """Wait (at most ``start_timeout_s``) for every worker's setup; a failing rank is named."""
+        facts = self.group.wait(self.refs, "setup", start_timeout_s)
         self.group.facts = facts
         f0 = facts[0]
         if isinstance(self.spec, LearnerRoleSpec):
@@ -66,6 +66,9 @@ class Roles:
 
     plan: "PlacementPlan"
     timeout_s: float
+    """Any call of a step (``train.timeout_s``)."""
+    start_timeout_s: float
+    """Placement groups ready, and each role's setup (``train.start_timeout_s``)."""
     pools: dict[str, Any] = field(default_factory=dict)
     started: dict[str, Role] = field(default_factory=dict)
     specs: dict[str, "RoleSpec"] = field(default_factory=dict)
@@ -77,7 +80,7 @@ class Roles:
         """Create the pools and start every role of ``resolved`` concurrently (engines first); returns self."""
         from rlhf_ray.controller.placement import create_pools
 
-        self.pools = create_pools(self.plan, self.timeout_s)
+        self.pools = create_pools(self.plan, self.start_timeout_s)
         engines_first = sorted(resolved.roles, key=lambda r: not isinstance(r, RolloutRoleSpec))
         pending = []
         for spec in engines_first:
@@ -85,12 +88,12 @@ class Roles:
             if isinstance(spec, RolloutRoleSpec) and spec.sleep_mode:
                 # vLLM sizes its KV cache from the GPU memory free when it starts: let it start alone, then
                 # sleep (a no-op on CPU) before the learners load onto the same GPUs. The loop wakes it.
-                engines = pending[-1].ready(self.timeout_s)
+                engines = pending[-1].ready(self.timeout_s, self.start_timeout_s)
                 self.started[spec.name] = engines
                 engines.sleep()
         for p in pending:
             if p.spec.name not in self.started:
-                self.started[p.spec.name] = p.ready(self.timeout_s)
+                self.started[p.spec.name] = p.ready(self.timeout_s, self.start_timeout_s)
         if output_dir is not None:
             (output_dir / "placement.json").write_text(json.dumps(
                 {"mode": resolved.config.placement.mode, "plan": self.plan.describe(),
@@ -111,11 +114,23 @@ class Roles:
         self.groups.append(group)
         self.specs[spec.name] = spec
         if learner:
-            master = group.call_rank0(LearnerWorker.rendezvous)
+            master = group.call_rank0(LearnerWorker.rendezvous, timeout_s=self.start_timeout_s)  # the actor starts
             refs = group.async_all(LearnerWorker.setup, master, spec, total_steps, self.timeout_s)
         else:
             refs = group.async_all(RolloutWorker.setup, spec)
         return PendingRole(spec, group, refs)
+
+    def replace_engines(self, ranks: tuple[int, ...]) -> None:
+        """New vLLM engines for ``ranks`` (dead or stalled), each in its predecessor's bundle, set up (bounded by
+        ``start_timeout_s``) with the role's spec. They hold ``model.path``'s weights until the caller syncs."""
+        from rlhf_ray.workers.rollout import RolloutWorker
+
+        group, spec = self.rollout.group, self.specs["rollout"]
+        for r in ranks:
+            group.respawn(r)
+        for r, facts in zip(ranks, group.call_ranks(RolloutWorker.setup, ranks, spec, timeout_s=self.start_timeout_s)):
+            group.facts[r] = facts
+            log.info("%s: replaced, started in %.1f s", group.who(r), facts["start_s"])
 
     def teardown(self) -> None:
         """Kill every actor and remove every placement group this object created (best effort, idempotent)."""

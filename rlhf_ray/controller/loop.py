@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf_ray.checkpoint import CheckpointDir, data_fingerprint, publish_final
 from rlhf_ray.config import ConfigError, to_dict
 from rlhf_ray.config.schema import RL_JOBS
+from rlhf_ray.controller.recovery import Recoveries
 from rlhf_ray.data.batching import iter_epoch_batches
 from rlhf_ray.metrics import MetricsLogger
 
@@ -84,10 +85,13 @@ class TrainLoop:
 
     name: str = "train"
 
-    def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, n_items: int, output_dir: Path):
+    def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, n_items: int, output_dir: Path,
+                 recoveries: Optional[Recoveries] = None):
         cfg = resolved.config
         self.resolved, self.cfg, self.roles, self.schedule = resolved, cfg, roles, schedule
         self.output_dir = output_dir
+        self.recoveries = recoveries or Recoveries(0)
+        """The run's failure policy and record (``controller.recovery``), kept by the job front across restarts."""
         self.order = EpochOrder(n_items, schedule, cfg.train.seed, cfg.data.shuffle)
         self.ckpt = CheckpointDir(output_dir, keep=cfg.train.keep_checkpoints)
         self.policy: "LearnerRole" = roles.actor or roles.learner  # type: ignore[assignment]
@@ -147,12 +151,14 @@ class TrainLoop:
         """Load the latest checkpoint when ``train.resume``; returns the step to continue from."""
         latest = self.ckpt.latest() if self.cfg.train.resume else None
         if latest is None:
+            self.recoveries.resumed(0, None)
             return 0
         for sub, role in self.state_roles().items():
             role.load(str(latest / sub))
         state = CheckpointDir.read_state(latest)
         self.load_extra_state(state)
         log.info("resumed from %s at step %d", latest, state["step"])
+        self.recoveries.resumed(int(state["step"]), latest)
         return int(state["step"])
 
     # ---- the run ------------------------------------------------------------------------------------
@@ -169,9 +175,11 @@ class TrainLoop:
             if initial:
                 logger.log(0, initial)
             for step in range(start, total):
+                self.recoveries.step = step
                 metrics = self.step(step)
                 if self.eval_due(step):
                     metrics.update(self.evaluate())
+                metrics.update(self.recoveries.metrics())
                 logger.log(step + 1, metrics)
                 last = metrics
                 if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < total:

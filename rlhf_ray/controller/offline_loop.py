@@ -29,6 +29,7 @@ from rlhf_ray.efficiency import ModelShape, efficiency_metrics, offline_step_cou
 from rlhf_ray.objectives.common import BatchTotals, Forward, Objective
 
 if TYPE_CHECKING:
+    from rlhf_ray.controller.recovery import Recoveries
     from rlhf_ray.config.resolve import Resolved
     from rlhf_ray.controller.launch import Roles
 
@@ -63,8 +64,9 @@ class OfflineLoop(TrainLoop):
     """One offline run: ``task`` on ``train`` (and ``evaluation``) with the policy group (and a reference group)."""
 
     def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, task: SupervisedTask,
-                 train: Sequence[Any], evaluation: Sequence[Any], output_dir: Path):
-        super().__init__(resolved, roles, schedule, len(train), output_dir)
+                 train: Sequence[Any], evaluation: Sequence[Any], output_dir: Path,
+                 recoveries: Optional["Recoveries"] = None):
+        super().__init__(resolved, roles, schedule, len(train), output_dir, recoveries)
         self.task, self.name = task, task.name
         learner = resolved.policy.learner
         self.W, self.M, self.accum = learner.num_workers, learner.micro_batch_size, learner.grad_accum_steps

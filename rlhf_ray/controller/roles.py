@@ -186,7 +186,7 @@ class RolloutRole:
             if len(part):
                 refs.append(engine.generate.remote([prompt_ids[i] for i in part], spec))
                 used.append(part)
-                names.append(self.group.rank_name(e))
+                names.append(self.group.who(e))
         outs = wait_named(refs, names, "rollout.generate", self.timeout_s)
         index, tokens, logps, texts, reasons = [], [], [], [], []
         for part, gen in zip(used, outs):
@@ -206,7 +206,7 @@ class RolloutRole:
     def sequence_logprobs(self, sequences: list[list[int]], engine: int = 0) -> list[np.ndarray]:
         """Log-probs of tokens 1.. of each sequence under engine ``engine``'s current weights."""
         ref = self.group.actors[engine].sequence_logprobs.remote(sequences)
-        return wait_named([ref], [self.group.rank_name(engine)], "rollout.sequence_logprobs", self.timeout_s)[0]
+        return wait_named([ref], [self.group.who(engine)], "rollout.sequence_logprobs", self.timeout_s)[0]
 
     # ---- memory ---------------------------------------------------------------------------------
     def reseed(self, seed: int) -> None:

@@ -6,31 +6,37 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import numpy as np
 
 from rlhf_ray.controller.loop import Schedule, TrainLoop
+from rlhf_ray.controller.recovery import classify
 from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
 from rlhf_ray.controller.rl_metrics import rollout_metrics
+from rlhf_ray.controller.worker_group import RemoteCallError, RemoteCallTimeout
 from rlhf_ray.efficiency import ModelShape, efficiency_metrics, rl_step_counts
 from rlhf_ray.engines.rollout_engine import SamplingSpec
 from rlhf_ray.metrics import PhaseTimer
 from rlhf_ray.weight_sync.channel import SyncChannel
 
 if TYPE_CHECKING:
+    from rlhf_ray.controller.recovery import Recoveries
     from rlhf_ray.config.resolve import Resolved
     from rlhf_ray.controller.launch import Roles
     from rlhf_ray.controller.roles import LearnerRole
     from rlhf_ray.data.prompts import PromptSet
+
+T = TypeVar("T")
 
 
 class RolloutLoop(TrainLoop):
     """A loop whose steps start from fresh samples of the current policy (vLLM engines)."""
 
     def __init__(self, resolved: "Resolved", roles: "Roles", schedule: Schedule, prompts: "PromptSet",
-                 eval_prompts: Optional["PromptSet"], tokenizer, output_dir: Path):
-        super().__init__(resolved, roles, schedule, len(prompts), output_dir)
+                 eval_prompts: Optional["PromptSet"], tokenizer, output_dir: Path,
+                 recoveries: Optional["Recoveries"] = None):
+        super().__init__(resolved, roles, schedule, len(prompts), output_dir, recoveries)
         self.prompts, self.eval_prompts, self.tokenizer = prompts, eval_prompts, tokenizer
         self.spec = SamplingSpec.from_config(self.cfg.rollout)
         self.scorer = RewardScorer.from_resolved(resolved, roles.reward_model, tokenizer)
@@ -74,11 +80,15 @@ class RolloutLoop(TrainLoop):
     def generate(self, prompts: list, timer: PhaseTimer, step: int) -> tuple[Any, Any, list]:
         """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
         the raw generations, and each sequence's prompt example. The engines are reseeded for ``step`` first,
-        so a run resumed at any step draws the samples an uninterrupted run drew."""
-        self.roles.rollout.reseed(self.sampling_seed(step))
+        so a run resumed at any step, or an engine replaced mid-step, draws the samples an uninterrupted run
+        drew."""
+        def sample() -> tuple[Any, Any]:
+            self.roles.rollout.reseed(self.sampling_seed(step))
+            return self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
+                                               self.tokenizer.pad_token_id)
+
         with timer("generate"):
-            batch, gens = self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
-                                                      self.tokenizer.pad_token_id)
+            batch, gens = self.on_engines(sample)
         if self.hybrid:
             with timer("sleep_wake"):
                 self.roles.rollout.sleep()
@@ -91,11 +101,29 @@ class RolloutLoop(TrainLoop):
         with timer("reward"):
             return score_batch(self.scorer, batch, rows)
 
+    def on_engines(self, call: Callable[[], T], redo: bool = True) -> T:
+        """``call()`` into the engines; when an engine dies or stalls (``controller.recovery``), replace it, sync
+        the policy's weights into every engine and, if ``redo``, call again (else return that sync's result)."""
+        while True:
+            try:
+                return call()
+            except (RemoteCallError, RemoteCallTimeout) as exc:
+                fault = classify(exc)
+                # In hybrid placement an engine shares its GPU with learner ranks: the job front restarts all.
+                if fault is None or fault.action != "replace_engines" or self.hybrid:
+                    raise
+                self.recoveries.admit(exc, in_place=True)
+                self.roles.replace_engines(fault.engines)
+                self.channel.open()
+                synced = self.channel.push()
+                if not redo:
+                    return synced  # type: ignore[return-value]
+
     def sync_weights(self) -> dict[str, float]:
         """Policy -> engines. In hybrid mode the engines wake their weights first and their KV cache after."""
         if self.hybrid:
             self.roles.rollout.wake_up(["weights"])
-        result = self.channel.push()
+        result = self.on_engines(self.channel.push, redo=False)
         if self.hybrid:
             for role in self.roles.learners():
                 role.offload()
@@ -126,7 +154,8 @@ class RolloutLoop(TrainLoop):
         """Mean reward of one greedy response per held-out prompt (``data.eval_fraction`` / ``eval_path``)."""
         prompts = list(self.eval_prompts)
         spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
-        batch, _ = self.roles.rollout.generate([p.prompt_ids for p in prompts], spec, self.tokenizer.pad_token_id)
+        batch, _ = self.on_engines(lambda: self.roles.rollout.generate([p.prompt_ids for p in prompts], spec,
+                                                                       self.tokenizer.pad_token_id))
         score_batch(self.scorer, batch, attach_prompts(batch, prompts))
         return {"eval/reward_mean": float(batch.rewards.mean()),
                 "eval/response_length_mean": float(batch.response_lengths.mean())}

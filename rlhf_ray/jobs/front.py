@@ -5,6 +5,10 @@
     start the roles -> the job's body (a loop's ``run``) -> teardown, in a ``finally``: no actor or placement
     group outlives the job, also when a role fails to start.
 
+A fault (an actor died, a call timed out: ``controller.recovery``) that the body does not recover from itself
+ends that attempt; within ``train.max_restarts`` the roles start again and the body resumes from the latest
+checkpoint.
+
 A job is a ``Job``: its data step and its body. Everything slow or remote starts only after every check that
 can fail on the driver has passed.
 """
@@ -21,6 +25,7 @@ from rlhf_ray.controller.loop import Schedule, make_schedule
 
 if TYPE_CHECKING:
     from rlhf_ray.controller.launch import Roles
+    from rlhf_ray.controller.recovery import Recoveries
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +41,7 @@ class JobContext:
     evaluation: Any
     schedule: Optional[Schedule]
     output_dir: Path
+    recoveries: "Recoveries"
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ def _run_locked(cfg: Config, job: Job, tokenizer: Any, train: Any, evaluation: A
     from rlhf_ray.controller.cluster import init_ray, node_resources, probe_accelerator
     from rlhf_ray.controller.launch import Roles
     from rlhf_ray.controller.placement import check_plan
+    from rlhf_ray.controller.recovery import Recoveries
     from rlhf_ray.jobs.common import prepare_output_dir
 
     cluster = init_ray(cfg.ray)
@@ -96,14 +103,19 @@ def _run_locked(cfg: Config, job: Job, tokenizer: Any, train: Any, evaluation: A
     check_plan(plan, cluster, node_resources())
     log.info(plan.describe())
     output_dir = prepare_output_dir(resolved)
+    recoveries = Recoveries(resolved.max_restarts, output_dir)
 
-    roles = Roles(plan, cfg.train.timeout_s)
-    try:
-        roles.start(resolved, schedule.optimizer_steps if schedule else 1, output_dir)
-        result = job.body(JobContext(resolved, roles, tokenizer, train, evaluation, schedule, output_dir))
-    finally:
-        roles.teardown()
-    return result
+    while True:
+        roles = Roles(plan, cfg.train.timeout_s, cfg.train.start_timeout_s)
+        try:
+            roles.start(resolved, schedule.optimizer_steps if schedule else 1, output_dir)
+            return job.body(JobContext(resolved, roles, tokenizer, train, evaluation, schedule, output_dir,
+                                       recoveries))
+        except Exception as exc:  # noqa: BLE001 -- admit() re-raises whatever is not a fault
+            recoveries.admit(exc)
+        finally:
+            roles.teardown()
+        resolved = resolved.resuming()
 
 
 def offline_job(prepare_data: Callable[[Config, Any], tuple[Any, Any, dict]],
@@ -114,6 +126,6 @@ def offline_job(prepare_data: Callable[[Config, Any], tuple[Any, Any, dict]],
 
         task = make_task(ctx.resolved.config, ctx.tokenizer.pad_token_id)
         return OfflineLoop(ctx.resolved, ctx.roles, ctx.schedule, task, ctx.train, ctx.evaluation,
-                           ctx.output_dir).run()
+                           ctx.output_dir, ctx.recoveries).run()
 
     return Job(prepare_data, body)

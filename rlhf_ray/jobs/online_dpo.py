@@ -27,7 +27,7 @@ def _body(ctx: JobContext) -> dict[str, Any]:
     from rlhf_ray.controller.online_dpo import OnlineDPOLoop
 
     return OnlineDPOLoop(ctx.resolved, ctx.roles, ctx.schedule, ctx.train, ctx.evaluation, ctx.tokenizer,
-                         ctx.output_dir).run()
+                         ctx.output_dir, ctx.recoveries).run()
 
 
 JOB = Job(prepare_data, _body)

@@ -40,7 +40,7 @@ def rl_job(loop_cls: Optional[type] = None) -> Job:
         from rlhf_ray.controller.rl_loop import RLLoop
 
         loop = (loop_cls or RLLoop)(ctx.resolved, ctx.roles, ctx.schedule, ctx.train, ctx.evaluation, ctx.tokenizer,
-                                    ctx.output_dir)
+                                    ctx.output_dir, ctx.recoveries)
         return loop.run()
 
     return Job(prepare_data, body)

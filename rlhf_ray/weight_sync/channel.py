@@ -13,6 +13,7 @@ from rlhf_ray.controller.worker_group import wait_named
 if TYPE_CHECKING:
     from rlhf_ray.config.resolve import SyncSettings
     from rlhf_ray.controller.roles import LearnerRole, RolloutRole
+    from rlhf_ray.controller.worker_group import Who
 
 
 class SyncChannel:
@@ -22,8 +23,8 @@ class SyncChannel:
         self.policy, self.rollout, self.settings, self.timeout_s = policy, rollout, settings, timeout_s
         self.buckets = 0
 
-    def _engine_names(self) -> list[str]:
-        return [self.rollout.group.rank_name(i) for i in range(self.rollout.num_engines)]
+    def _engines_who(self) -> list["Who"]:
+        return [self.rollout.group.who(i) for i in range(self.rollout.num_engines)]
 
     def open(self) -> dict[str, Any]:
         """Agree on the plan with the policy group and join every engine worker to the sync group."""
@@ -43,7 +44,7 @@ class SyncChannel:
         refs += [engine.init_weight_sync.remote(host, port, 1 + e * s.tensor_parallel_size, world, s.backend,
                                                 self.timeout_s, plans[0]) for e, engine in enumerate(engines)]
         # All ranks must join at once (a rendezvous); a missing one is named when the wait times out.
-        wait_named(refs, [policy.group.rank_name(0)] + self._engine_names(), "weight_sync.init", self.timeout_s)
+        wait_named(refs, [policy.group.who(0)] + self._engines_who(), "weight_sync.init", self.timeout_s)
         return {"backend": s.backend, "buckets": self.buckets, "world": world}
 
     def push(self) -> dict[str, float]:
@@ -55,11 +56,11 @@ class SyncChannel:
         if self.settings.backend == "ipc":
             sent = policy.group.call_split(LearnerWorker.send_weights_ipc, list(engines), self.timeout_s)
             refs = [e.finish_ipc_sync.remote() for e in engines]
-            wait_named(refs, self._engine_names(), "weight_sync.finish", self.timeout_s)
+            wait_named(refs, self._engines_who(), "weight_sync.finish", self.timeout_s)
         else:
             send = policy.group.async_all(LearnerWorker.send_weights)
             recv = [e.receive_weights.remote(self.timeout_s) for e in engines]
-            names = [policy.group.rank_name(r) for r in range(policy.world)] + self._engine_names()
+            names = [policy.group.who(r) for r in range(policy.world)] + self._engines_who()
             # One bounded wait over senders and receivers: a stall names whoever did not finish.
             sent = wait_named(send + recv, names, "weight_sync", self.timeout_s)[: policy.world]
         return {"seconds": time.perf_counter() - t0, "bytes": sum(r["bytes"] for r in sent)}

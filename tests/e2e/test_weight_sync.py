@@ -48,7 +48,7 @@ def test_sync_makes_vllm_match_the_updated_learner(ray_cluster, tiny_model_dir, 
 
     resolved = resolve(cfg, "cpu")
     assert resolved.sync.backend == "gloo" and resolved.sync.dtype == "float32"
-    roles = Roles(resolved.plan, cfg.train.timeout_s)
+    roles = Roles(resolved.plan, cfg.train.timeout_s, cfg.train.start_timeout_s)
     try:
         roles.start(resolved, total_steps=4, output_dir=tmp_path)
         channel = SyncChannel(roles.actor, roles.rollout, resolved.sync, cfg.train.timeout_s)

@@ -1,0 +1,152 @@
+"""Exact resume and automatic recovery on the real stack: a GRPO run that is resumed or whose engine is really
+killed (SIGKILL) or frozen (SIGSTOP) mid-run, and a PPO run (critic, adaptive KL, reward function) whose learner
+rank is killed, log every step once with the metrics of the uninterrupted run.
+
+Why equality and not a tolerance: on CPU every step is deterministic given the weights and the sampling seed,
+the engines are reseeded per step (``RolloutLoop.sampling_seed``), and a checkpoint restores the learners'
+state, so a recovered or resumed step recomputes exactly what the uninterrupted step computed. Any lost or
+repeated update, a sample drawn from another seed or a step redone on stale weights changes the rewards and
+losses in their leading digits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from rlhf_ray.config import load_config
+from rlhf_ray.metrics import read_metrics
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+STEPS = 4
+FAULT_STEP = 2
+"""0-based: the fault comes at the start of step 3, after the checkpoint of step 2."""
+
+
+def _grpo(tiny_model_dir, out: Path, steps: int = STEPS, loop_cls=None, **values) -> list[dict]:
+    return _rl("grpo", tiny_model_dir, out, steps, loop_cls, **values)
+
+
+def _ppo(tiny_model_dir, out: Path, loop_cls=None) -> list[dict]:
+    """The PPO example without its trained reward model (the math reward alone): a critic, GAE, 2 mini-batches x
+    2 epochs (old log-probs from the learner) and the adaptive KL controller, all restored by a resume."""
+    return _rl("ppo", tiny_model_dir, out, STEPS, loop_cls, **{"reward.model": None, "learner.micro_batch_size": 4})
+
+
+def _rl(job: str, tiny_model_dir, out: Path, steps: int, loop_cls, **values) -> list[dict]:
+    from rlhf_ray.jobs import rl
+
+    cfg = load_config(EXAMPLES / f"{job}_tiny_cpu.yaml", values={
+        "model.path": tiny_model_dir, "train.output_dir": str(out), "algo.total_steps": steps,
+        "algo.prompts_per_step": 4, "rollout.n_samples": 4, "learner.micro_batch_size": 8,
+        "algo.kl_coef": 0.05, "train.save_every": 2, "logging.progress_bar": False, **values})
+    rl.run(cfg, loop_cls)
+    return read_metrics(out / "metrics.jsonl")
+
+
+def _compared(rows: list[dict]) -> list[dict]:
+    """Each step's rollout, policy, critic and KL metrics (what a lost, repeated or re-sampled step changes)."""
+    keys = [k for k in rows[0] if k.startswith(("rollout/", "actor/", "critic/", "kl/"))]
+    assert len(keys) > 10
+    return [{k: r[k] for k in ["step", *keys]} for r in rows]
+
+
+def _uninterrupted(rows: list[dict]) -> list[dict]:
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    assert all(r["recovery/restarts"] == r["recovery/engine_replacements"] == 0 for r in rows)
+    return _compared(rows)
+
+
+@pytest.fixture(scope="module")
+def straight(ray_cluster, tiny_model_dir, tmp_path_factory) -> list[dict]:
+    """The uninterrupted GRPO run the GRPO tests here are held to."""
+    return _uninterrupted(_grpo(tiny_model_dir, tmp_path_factory.mktemp("straight") / "run"))
+
+
+@pytest.fixture(scope="module")
+def straight_ppo(ray_cluster, tiny_model_dir, tmp_path_factory) -> list[dict]:
+    return _uninterrupted(_ppo(tiny_model_dir, tmp_path_factory.mktemp("straight_ppo") / "run"))
+
+
+def _faulty(fault: Callable[[object], None]) -> type:
+    """``RLLoop`` that calls ``fault(loop)`` once, at the start of step ``FAULT_STEP`` (test scaffolding: the
+    fault itself is a real signal to a real process)."""
+    from rlhf_ray.controller.rl_loop import RLLoop
+
+    fired = []
+
+    class FaultyLoop(RLLoop):
+        def step(self, step: int) -> dict[str, float]:
+            if step == FAULT_STEP and not fired:
+                fired.append(step)
+                fault(self)
+            return super().step(step)
+
+    return FaultyLoop
+
+
+def _pid(loop, group: str, rank: int) -> int:
+    return int(loop.roles.get(group).group.facts[rank]["pid"])
+
+
+def _recoveries(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "recoveries.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_grpo_run_reproduces_the_uninterrupted_one(straight, tiny_model_dir, tmp_path):
+    """2 steps, then a resume to 4: the engines are reseeded per step, the learners restore their state, the KL
+    controller its value."""
+    _grpo(tiny_model_dir, tmp_path / "resumed", steps=2)
+    resumed = _grpo(tiny_model_dir, tmp_path / "resumed", **{"train.resume": True})
+    assert _compared(resumed) == straight
+
+
+def test_a_killed_engine_is_replaced_in_place_and_the_step_redone(straight, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    rows = _grpo(tiny_model_dir, out, loop_cls=_faulty(lambda loop: os.kill(_pid(loop, "rollout", 0), signal.SIGKILL)))
+    assert _compared(rows) == straight  # every step logged once, each with the uninterrupted run's metrics
+    assert [(r["recovery/engine_replacements"], r["recovery/restarts"]) for r in rows] == [
+        (0, 0), (0, 0), (1, 0), (1, 0)]
+    [record] = _recoveries(out)
+    assert record["step"] == FAULT_STEP + 1 and record["action"] == "replace_engines" and record["engines"] == [0]
+    assert "rollout[rank 0]" in record["cause"] and "died" in record["cause"]
+
+
+def test_a_killed_learner_rank_restarts_the_roles_and_resumes_ppo_exactly(straight_ppo, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    rows = _ppo(tiny_model_dir, out, loop_cls=_faulty(lambda loop: os.kill(_pid(loop, "actor", 1), signal.SIGKILL)))
+    assert _compared(rows) == straight_ppo  # steps 3-4 redone from the step-2 checkpoint, each logged once
+    assert any(k.startswith("critic/") for k in straight_ppo[0])
+    assert [r["recovery/restarts"] for r in rows] == [0, 0, 1, 1]
+    record, resumed = _recoveries(out)
+    assert record["action"] == "restart" and "actor[rank 1]" in record["cause"] and "died" in record["cause"]
+    assert resumed["action"] == "resumed" and resumed["step"] == FAULT_STEP  # from the step-2 checkpoint, not 0
+    assert resumed["checkpoint"].endswith("step_000002")
+
+
+def test_a_frozen_engine_times_out_naming_it_and_is_replaced(straight, tiny_model_dir, tmp_path):
+    """SIGSTOP: the engine's process lives but answers nothing; the call past ``train.timeout_s`` names it."""
+    frozen = []
+
+    def freeze(loop) -> None:
+        frozen.append(_pid(loop, "rollout", 0))
+        os.kill(frozen[0], signal.SIGSTOP)
+
+    out = tmp_path / "run"
+    try:
+        rows = _grpo(tiny_model_dir, out, loop_cls=_faulty(freeze), **{"train.timeout_s": 20})
+    finally:
+        try:
+            os.kill(frozen[0], signal.SIGKILL)  # normally gone already: the recovery killed it
+        except (ProcessLookupError, IndexError):
+            pass
+    assert _compared(rows) == straight
+    [record] = _recoveries(out)
+    assert record["action"] == "replace_engines" and record["engines"] == [0]
+    assert "no answer from rollout[rank 0]" in record["cause"] and "within 20 s" in record["cause"]
+
