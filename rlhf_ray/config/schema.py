@@ -197,6 +197,11 @@ class TrainConfig:
     seed: int = 1234
     timeout_s: float = 600.0
     """Upper bound for any one remote call or collective; a stall past it ends the run with an error naming it."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm on a learner: ``stop`` ends the run with an error naming the optimizer
+    step, rank and value, before the weights reach the rollout engines or a checkpoint; ``skip`` drops that
+    optimizer step's update on every data-parallel rank (weights, optimizer moments and LR schedule stay as they
+    were), logs it, counts it in the step's ``*/skipped_updates`` metric and goes on."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")

@@ -87,7 +87,8 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
     last = rows[-1]
     http_key = f"reward/{metric_name(url)}_mean"
     for key in ("rollout/reward_mean", "reward/model_mean", "reward/reward_fn_mean", http_key,
-                "critic/value_loss", "critic/values_mean", "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
+                "critic/value_loss", "critic/values_mean", "critic/skipped_updates", "actor/skipped_updates",
+                "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
                 "kl/policy_reference", "kl/coef", "timing/generate_s", "timing/reward_s", "timing/reference_s",
                 "timing/critic_s", "timing/old_logprobs_s", "timing/train_s", "timing/weight_sync_s",
                 "efficiency/tokens_per_s", "efficiency/step_floor_s", "efficiency/mfu",
