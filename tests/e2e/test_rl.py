@@ -58,7 +58,7 @@ def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path
 
 
 def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster, tiny_model_dir, trained_rm,
-                                                                   tmp_path, capsys):
+                                                                   tmp_path, capsys, monkeypatch):
     """job: ppo from the CLI, placement shared: actor+reference on the same GPUs, critic+reward model on the same
     GPUs, the engine apart. Rewards: the reward model trained by job rm (its export used as is), a Python file
     and an HTTP endpoint, summed with weights."""
@@ -66,7 +66,9 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text("def reward_fn(prompts, responses, answer, **_):\n"
                            "    return [1.0 if a in r else 0.0 for r, a in zip(responses, answer)]\n")
-    server = make_server(build_reward_source("examples/rewards/length_penalty.py:brevity_bonus", 30.0), 30.0)
+    monkeypatch.setenv("RLHF_RAY_REWARD_TOKEN", "ppo-test-token")  # reward.http_token_env's default variable
+    server = make_server(build_reward_source("examples/rewards/length_penalty.py:brevity_bonus", 30.0), 30.0,
+                         "ppo-test-token")
     serve_in_thread(server)
     url = f"http://127.0.0.1:{server.server_address[1]}/score"
     out = tmp_path / "ppo"
