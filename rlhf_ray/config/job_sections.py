@@ -134,8 +134,15 @@ class RewardConfig:
     gpus_per_worker: float = 1.0
     timeout_s: float = 120.0
     """Per call; a reward function or endpoint that takes longer stops the run with its name."""
+    http_token_env: Optional[str] = "RLHF_RAY_REWARD_TOKEN"
+    """The NAME of the environment variable holding the bearer token sent to ``http(s)://`` reward endpoints (the
+    reward server's token: it prints the one it generates at start). The token itself never goes in a config, a
+    URL or a log; with an endpoint in ``functions``, an unset variable stops the run before any actor starts.
+    null: send no token (an endpoint without authentication)."""
 
     def __post_init__(self) -> None:
+        _check(self.http_token_env is None or bool(self.http_token_env.strip()), "http_token_env",
+               "must name an environment variable, or be null to send no token")
         _check(not self.weights or len(self.weights) == len(self.functions), "weights",
                f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")

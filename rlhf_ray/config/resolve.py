@@ -182,7 +182,7 @@ def _roles(cfg: "Config", paths: Paths, batch: BatchShape, reference: Optional[s
         gpus = learner_cfg.gpus_per_worker
         return LearnerRoleSpec(name, placement_role, model_cfg, learner_cfg, optim, head,  # type: ignore[arg-type]
                                trainable, gpus, learner_cfg.cpus_per_worker,
-                               auto_dtype(cfg.model.dtype, on_cuda and gpus > 0), tc.seed)
+                               auto_dtype(cfg.model.dtype, on_cuda and gpus > 0), tc.seed, tc.on_nonfinite)
 
     policy_lc = dataclasses.replace(lc, global_batch_size=batch.per_update)
     if cfg.job not in RL_JOBS:

@@ -115,6 +115,8 @@ class LearnerRoleSpec:
     cpus: float
     dtype: str
     seed: int
+    on_nonfinite: Literal["stop", "skip"]
+    """``train.on_nonfinite``: what a non-finite loss or gradient norm does to this group's optimizer step."""
 
     @property
     def num_workers(self) -> int:

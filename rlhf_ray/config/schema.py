@@ -207,6 +207,11 @@ class TrainConfig:
     rollout engine is replaced in place and its step redone; anything else removes every role, starts them
     again and resumes from the latest checkpoint. An error raised by the code itself (bad data, a non-finite
     loss, a reward function's exception) is not a fault: it would happen again, so the run stops on it."""
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient norm on a learner: ``stop`` ends the run with an error naming the optimizer
+    step, rank and value, before the weights reach the rollout engines or a checkpoint; ``skip`` drops that
+    optimizer step's update on every data-parallel rank (weights, optimizer moments and LR schedule stay as they
+    were), logs it, counts it in the step's ``*/skipped_updates`` metric and goes on."""
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")

@@ -108,6 +108,7 @@ class OfflineLoop(TrainLoop):
         metrics = self.task.reduce(results)
         tokens = sum(r["tokens"] for r in results)
         metrics.update({"train/lr": results[0]["lr"], "train/grad_norm": results[0]["grad_norm"],
+                        "train/skipped_updates": results[0]["skipped_updates"],
                         "train/epoch": epoch + (pos + 1) / self.schedule.steps_per_epoch, "timing/step_s": seconds,
                         "efficiency/tokens_per_s": tokens / seconds,
                         "efficiency/tokens_per_s_per_worker": tokens / seconds / self.W})

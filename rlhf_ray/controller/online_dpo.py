@@ -106,4 +106,4 @@ class OnlineDPOLoop(RolloutLoop):
         return {"actor/dpo_loss": s["loss_sum"] / n, "actor/reward_accuracy": s["correct"] / n,
                 "actor/margin": (s["chosen_sum"] - s["rejected_sum"]) / n,
                 "actor/rewards_chosen": s["chosen_sum"] / n, "actor/rewards_rejected": s["rejected_sum"] / n,
-                "actor/grad_norm": s["grad_norm"], "actor/lr": s["lr"]}
+                "actor/grad_norm": s["grad_norm"], "actor/lr": s["lr"], "actor/skipped_updates": s["skipped_updates"]}

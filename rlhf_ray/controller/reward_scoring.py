@@ -11,6 +11,7 @@ from text with its own chat template.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from typing import Any, Optional
 
@@ -33,17 +34,38 @@ def metric_name(source_name: str) -> str:
 
 def build_function_reward(cfg: RewardConfig) -> Optional[CombinedReward]:
     """The weighted sum of ``reward.functions`` (None when the config names none)."""
+    from rlhf_ray.config import ConfigError
+
     if not cfg.functions:
         return None
+    token = http_token(cfg)
     try:
-        sources = [build_reward_source(spec, cfg.timeout_s) for spec in cfg.functions]
+        sources = [build_reward_source(spec, cfg.timeout_s, token) for spec in cfg.functions]
     except ValueError as exc:
-        from rlhf_ray.config import ConfigError
-
         raise ConfigError(f"reward.functions: {exc}") from exc
     for source in sources:
         source.check()  # an endpoint that is down fails here, not at step 1
     return CombinedReward(sources, cfg.weights or None)
+
+
+def http_token(cfg: RewardConfig) -> Optional[str]:
+    """The bearer token for the HTTP endpoints in ``reward.functions``: ``$<reward.http_token_env>``.
+
+    None without an endpoint or with ``http_token_env: null``; ConfigError naming the key when the variable is
+    unset, so a run that would get 401 at step 1 stops before any actor starts.
+    """
+    urls = [spec for spec in cfg.functions if spec.strip().startswith(("http://", "https://"))]
+    if not urls or cfg.http_token_env is None:
+        return None
+    token = os.environ.get(cfg.http_token_env, "").strip()
+    if not token:
+        from rlhf_ray.config import ConfigError
+
+        raise ConfigError(
+            f"reward.http_token_env: the environment variable {cfg.http_token_env} is not set here, and the reward "
+            f"endpoint {urls[0]} needs its bearer token (the reward server prints the one it generated when it "
+            "starts); set it, name another variable, or null for an endpoint without authentication")
+    return token
 
 
 class RewardScorer:

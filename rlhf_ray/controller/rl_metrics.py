@@ -41,7 +41,8 @@ def policy_metrics(batch: Any, kl: Optional[torch.Tensor], actor_steps: list[dic
     m.update({"actor/pg_loss": per_token("pg_loss_sum"), "actor/clip_fraction": per_token("clipped_sum"),
               "actor/entropy": per_token("entropy_sum"), "actor/approx_kl": per_token("approx_kl_sum"),
               "actor/grad_norm": float(np.mean([s["grad_norm"] for s in actor_steps])),
-              "actor/lr": actor_steps[-1]["lr"]})
+              "actor/lr": actor_steps[-1]["lr"],
+              "actor/skipped_updates": sum(s["skipped_updates"] for s in actor_steps)})
     if any("kl_sum" in s for s in actor_steps):
         m["actor/kl_loss"] = sum(s.get("kl_sum", 0.0) for s in actor_steps) / tokens
     return m
@@ -56,4 +57,5 @@ def critic_metrics(critic_steps: list[dict]) -> dict[str, float]:
             "critic/clip_fraction": sum(s["value_clipped_sum"] for s in critic_steps) / tokens,
             "critic/values_mean": sum(s["values_sum"] for s in critic_steps) / tokens,
             "critic/grad_norm": float(np.mean([s["grad_norm"] for s in critic_steps])),
-            "critic/lr": critic_steps[-1]["lr"]}
+            "critic/lr": critic_steps[-1]["lr"],
+            "critic/skipped_updates": sum(s["skipped_updates"] for s in critic_steps)}

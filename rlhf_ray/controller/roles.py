@@ -157,9 +157,11 @@ class LearnerRole:
 
 
 def merge_rank_metrics(ranks: list[dict]) -> dict[str, float]:
-    """Per-rank metric sums -> one dict: sums added, lr / grad_norm from rank 0, seconds of the slowest rank."""
-    merged = {k: sum(r[k] for r in ranks) for k in ranks[0] if k not in ("lr", "grad_norm", "seconds")}
-    merged.update(lr=ranks[0]["lr"], grad_norm=ranks[0]["grad_norm"], seconds=max(r["seconds"] for r in ranks))
+    """Per-rank metric sums -> one dict: sums added, seconds of the slowest rank, and from rank 0 what every rank
+    shares: lr, grad_norm and skipped_updates (ranks drop an update together)."""
+    shared = ("lr", "grad_norm", "skipped_updates")
+    merged = {k: sum(r[k] for r in ranks) for k in ranks[0] if k not in (*shared, "seconds")}
+    merged.update({k: ranks[0][k] for k in shared}, seconds=max(r["seconds"] for r in ranks))
     return merged
 
 

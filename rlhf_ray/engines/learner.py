@@ -7,6 +7,7 @@ model and one micro-batch returning a scaled loss and metrics) and gets metrics 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import json
@@ -16,7 +17,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
@@ -28,6 +29,14 @@ if TYPE_CHECKING:
     from rlhf_ray.config.resolve import Head, LearnerRoleSpec
 
 log = logging.getLogger(__name__)
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _no_step(*args: Any, **kwargs: Any) -> None:
+    """An optimizer's or LR scheduler's ``step`` that changes nothing (``LearnerEngine._update_dropped``)."""
 
 
 def pick_device() -> torch.device:
@@ -201,9 +210,13 @@ class LearnerEngine:
             self._hf_ds_config = HfDeepSpeedConfig(ds_config)
         model = load_model(model_cfg, head, self.dtype, trainable)
         self.step = 0
+        self.on_nonfinite = spec.on_nonfinite
+        self.skipped_updates = 0
+        """Updates dropped under ``train.on_nonfinite=skip`` since this process started."""
         if trainable:
             params = [p for p in model.parameters() if p.requires_grad]
             optimizer = self._make_optimizer(params)
+            self._base_optimizer = optimizer  # what DeepSpeed's optimizer wraps; its step applies the update
             scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
                 s, total_steps, optim_cfg.warmup_steps, optim_cfg.schedule, optim_cfg.min_lr_ratio))
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -236,6 +249,8 @@ class LearnerEngine:
 
         ``objective(model, micro_batch, totals)`` returns a loss already scaled so that DeepSpeed's
         1/accumulation scaling and data-parallel averaging produce the global objective (``objectives.common``).
+        A non-finite loss or gradient norm is handled as ``train.on_nonfinite`` says (``_nonfinite``); the
+        result's ``skipped_updates`` is 1 when this step's update was dropped (on every rank alike), else 0.
         """
         if len(micro_batches) != self.engine.gradient_accumulation_steps():
             raise ValueError(f"train_step got {len(micro_batches)} micro-batches, DeepSpeed expects "
@@ -245,30 +260,98 @@ class LearnerEngine:
         t0 = time.perf_counter()
         sums: dict[str, float] = {}
         n_tokens = 0
+        bad, step = False, self.step + 1
+        last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
             mb = self.to_device(mb)
             loss, metrics = objective(self.engine, mb, totals)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite loss ({float(loss)}) on micro-batch {i} of optimizer step {self.step + 1}; "
-                    "stopped before it reached the weights")
+            if not bad and not torch.isfinite(loss):
+                bad = self._nonfinite(f"loss ({float(loss)}) on micro-batch {i}", step,
+                                      "stopped before it reached the weights")
+            # Even after a bad loss: the ZeRO gradient reductions run inside backward, collectives every rank joins.
             self.engine.backward(loss)
-            self.engine.step()
+            if i < last:
+                self.engine.step()  # inside the accumulation: DeepSpeed only counts the micro-batch
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
             n_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else 0
-        self.step += 1
+        own_norm = self._unchecked_grad_norm()
+        if not bad and own_norm is not None and not math.isfinite(own_norm):
+            bad = self._nonfinite(f"gradient norm ({own_norm})", step, "stopped before it reached the weights")
+        # Every rank must take the same decision, or one would step while another does not.
+        drop = self.on_nonfinite == "skip" and self._any_rank(bad)
+        with self._update_dropped() if drop else contextlib.nullcontext():
+            self.engine.step()  # the accumulation boundary: the optimizer step
+        self.step = step
         grad_norm = self.engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise FloatingPointError(
-                f"non-finite gradient norm ({float(grad_norm)}) at optimizer step {self.step}; the update reached "
-                "this learner's weights, so the run stops before they reach the rollout engines or a checkpoint")
+        grad_norm = float(grad_norm) if grad_norm is not None else own_norm
+        if not drop and grad_norm is not None and not math.isfinite(grad_norm):
+            # DeepSpeed's optimizers (ZeRO 1-3, bf16 / fp16) take the global norm in their step and drop an update
+            # whose norm is not finite, on every rank alike (the norm is all-reduced): it did not reach the weights.
+            drop = self._nonfinite(f"gradient norm ({grad_norm})", step, "DeepSpeed dropped the update on every rank")
+        if drop:
+            self.skipped_updates += 1
+            log.warning("optimizer step %d: update dropped on every rank (non-finite loss or gradient norm; "
+                        "train.on_nonfinite=skip), %d so far", step, self.skipped_updates)
         out = {k: v for k, v in sums.items()}
-        out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        out["grad_norm"] = grad_norm if grad_norm is not None else float("nan")
         out["lr"] = float(self.scheduler.get_last_lr()[0])
         out["tokens"] = float(n_tokens)
+        out["skipped_updates"] = float(drop)
         out["seconds"] = time.perf_counter() - t0
         return out
+
+    def _nonfinite(self, what: str, step: int, outcome: str) -> bool:
+        """Raise under ``train.on_nonfinite=stop`` (naming step, rank and value); under ``skip``, return True."""
+        if self.on_nonfinite == "skip":
+            log.warning("learner rank %d, optimizer step %d: non-finite %s", _rank(), step, what)
+            return True
+        raise FloatingPointError(
+            f"non-finite {what} of optimizer step {step} on learner rank {_rank()}; {outcome}, and the run stops "
+            "before the weights reach the rollout engines or a checkpoint (train.on_nonfinite=stop; "
+            "train.on_nonfinite=skip drops such an update on every rank and goes on)")
+
+    def _unchecked_grad_norm(self) -> Optional[float]:
+        """The global gradient norm where DeepSpeed's optimizer does not check it itself, else None.
+
+        DeepSpeed's own optimizers (ZeRO 1-3, bf16 / fp16; they expose ``overflow``) take the global norm in their
+        step and drop an update whose norm is not finite. A plain torch optimizer (ZeRO-0 in fp32) does neither; its
+        gradients, all-reduced by the boundary backward, are the same on every rank, so this norm is global.
+        """
+        if hasattr(self.engine.optimizer, "overflow"):
+            return None
+        grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.nn.utils.get_total_norm(grads)) if grads else 0.0
+
+    def _any_rank(self, flag: bool) -> bool:
+        """Whether ``flag`` holds on any rank of this learner group (a MAX all-reduce of one number)."""
+        t = torch.tensor([float(flag)], device=self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return bool(t.item())
+
+    @contextlib.contextmanager
+    def _update_dropped(self) -> Iterator[None]:
+        """Run DeepSpeed's boundary ``step`` with the optimizer's update and the LR schedule's advance as no-ops.
+
+        DeepSpeed still does the rest of a step (gradients reduced, clipped and cleared, ZeRO's partition buffers
+        reset, its step counters advanced), so the engine stays consistent; what an update would change (weights,
+        Adam moments, the learning rate) stays as it was, as when DeepSpeed itself drops an overflowing fp16 step.
+        Every ZeRO stage calls our optimizer's and scheduler's ``step`` by attribute, so an instance attribute
+        shadows them for this one call.
+        """
+        objs = (self._base_optimizer, self.scheduler)
+        saved = [obj.__dict__.get("step") for obj in objs]  # torch's LR scheduler already wraps optimizer.step here
+        for obj in objs:
+            obj.step = _no_step
+        try:
+            yield
+        finally:
+            for obj, step in zip(objs, saved):
+                if step is None:
+                    del obj.step
+                else:
+                    obj.step = step
 
     @torch.no_grad()
     def forward(self, batch: dict[str, torch.Tensor], fn: Forward) -> torch.Tensor:

@@ -15,6 +15,8 @@ Import-light on purpose (standard library only): no torch, no ray.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from rlhf_ray.rewards.base import (CombinedReward, FunctionReward, RewardError, RewardSource, RowFields,
                                    checked_scores)
 from rlhf_ray.rewards.math_verify import BUILTIN_REWARDS, extract_answer, math_reward
@@ -23,11 +25,12 @@ from rlhf_ray.rewards.python_file import load_reward_fn
 BUILTIN_PREFIX = "builtin:"
 
 
-def build_reward_source(spec: str, timeout_s: float) -> RewardSource:
+def build_reward_source(spec: str, timeout_s: float, http_token: Optional[str] = None) -> RewardSource:
     """The reward source a config spec names; ``timeout_s`` bounds each HTTP request.
 
-    ``builtin:<name>`` (a key of ``BUILTIN_REWARDS``), ``http://...`` / ``https://...``, or a Python
-    file spec ``path.py[:func]``. ValueError with the accepted forms for an unknown built-in.
+    ``builtin:<name>`` (a key of ``BUILTIN_REWARDS``), ``http://...`` / ``https://...`` (sent ``http_token`` as
+    its bearer token), or a Python file spec ``path.py[:func]``. ValueError with the accepted forms for an unknown
+    built-in.
     """
     spec = spec.strip()
     if spec.startswith(BUILTIN_PREFIX):
@@ -40,7 +43,7 @@ def build_reward_source(spec: str, timeout_s: float) -> RewardSource:
         # Imported here: urllib.request pulls in ssl and email, which a file-only run never needs.
         from rlhf_ray.rewards.http import HTTP_BATCH_SIZE, HttpReward
 
-        return HttpReward(spec, timeout_s=timeout_s, batch_size=HTTP_BATCH_SIZE)
+        return HttpReward(spec, timeout_s=timeout_s, batch_size=HTTP_BATCH_SIZE, token=http_token)
     return load_reward_fn(spec)
 
 

@@ -22,6 +22,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Optional
 
+from rlhf_ray.config.job_sections import RewardConfig
 from rlhf_ray.rewards.base import RewardError, RewardSource, RowFields
 
 log = logging.getLogger(__name__)
@@ -31,38 +32,36 @@ HTTP_BATCH_SIZE = 64
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1"}
 
-TOKEN_ENV = "RLHF_RAY_REWARD_TOKEN"
-"""Environment variable holding the bearer token of reward endpoints: the server requires it when set, the
-client sends it when set (a secret never lives in a config file or on a command line)."""
-
-
-def token_headers() -> dict[str, str]:
-    """``{"Authorization": "Bearer <token>"}`` when ``$RLHF_RAY_REWARD_TOKEN`` is set, else ``{}``."""
-    import os
-
-    token = os.environ.get(TOKEN_ENV)
-    return {"Authorization": f"Bearer {token}"} if token else {}
+TOKEN_ENV: str = RewardConfig.http_token_env  # type: ignore[assignment]
+"""The default environment variable of the reward bearer token (``reward.http_token_env``); the server reads it
+too. A secret never lives in a config file, a URL or on a command line."""
 
 
 class HttpReward(RewardSource):
     """Scores batches by POSTing them to ``url`` in chunks of ``batch_size`` samples.
 
-    ``timeout_s`` bounds each request; ``retries`` more attempts follow a connection error or a 5xx,
-    after ``backoff_s * 2**attempt`` seconds. When called through ``checked_scores`` with the same
-    timeout, a slow endpoint is reported as a timeout of the whole call.
+    ``token``: sent as ``Authorization: Bearer <token>`` (the caller reads it from the environment variable
+    ``reward.http_token_env`` names). ``timeout_s`` bounds each request; ``retries`` more attempts follow a
+    connection error or a 5xx, after ``backoff_s * 2**attempt`` seconds. When called through ``checked_scores``
+    with the same timeout, a slow endpoint is reported as a timeout of the whole call.
     """
 
-    def __init__(self, url: str, timeout_s: float, batch_size: int, headers: Optional[dict[str, str]] = None,
-                 retries: int = 2, backoff_s: float = 0.5):
+    def __init__(self, url: str, timeout_s: float, batch_size: int, token: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None, retries: int = 2, backoff_s: float = 0.5):
         parsed = urllib.parse.urlparse(url)
         if parsed.scheme not in ("http", "https") or not parsed.netloc:
             raise ValueError(f"reward endpoint must be an http(s):// URL, got {url!r}")
+        if parsed.username is not None or parsed.password is not None:
+            # The URL is logged, in the config and in every error; a credential in it would be too.
+            raise ValueError(f"reward endpoint {parsed.hostname}:{parsed.port or ''} carries a credential in its URL; "
+                             "put the token in the environment variable reward.http_token_env names instead")
         if batch_size < 1:
             raise ValueError(f"HttpReward batch_size must be >= 1, got {batch_size}")
         if retries < 0:
             raise ValueError(f"HttpReward retries must be >= 0, got {retries}")
         self.url, self.timeout_s, self.batch_size = url, timeout_s, batch_size
-        self.headers = {"Content-Type": "application/json", **token_headers(), **(headers or {})}
+        auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.headers = {"Content-Type": "application/json", **auth, **(headers or {})}
         self.retries, self.backoff_s = retries, backoff_s
         self.name = url
         # A proxy from the environment never helps reach this machine itself, and often breaks it.

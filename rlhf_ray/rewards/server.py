@@ -7,11 +7,13 @@ trainer at it with ``reward.functions: [http://host:8000/score]``::
     python -m rlhf_ray.rewards.server --reward my_rewards.py:code_reward --host 0.0.0.0 --port 8000
 
 ``POST`` (any path) scores a batch; ``GET /health`` answers ``{"status": "ok", "reward": name}``.
-With ``$RLHF_RAY_REWARD_TOKEN`` set, a POST must carry ``Authorization: Bearer <token>`` (else 401); the
-trainer's client sends it from the same variable. The CLI refuses to listen beyond this machine without one
-(``--allow-unauthenticated`` to insist). Bodies are capped (``--max-body-mb``), a client that stops sending
-is dropped after ``--read-timeout-s``, and at most ``--max-concurrent`` requests are served at once (the
-next ones wait in the listen queue).
+A POST must carry ``Authorization: Bearer <token>`` (else 401), on every interface, loopback included (any local
+user can reach a loopback port). The token comes from ``--token-file`` (an existing file), else
+``$RLHF_RAY_REWARD_TOKEN``; with neither, the server generates one, prints it once on stdout as
+``RLHF_RAY_REWARD_TOKEN=<token>`` and, given a ``--token-file`` that does not exist yet, writes it there (mode
+0600). The trainer sends it from the variable ``reward.http_token_env`` names. Bodies are capped
+(``--max-body-mb``), a client that stops sending is dropped after ``--read-timeout-s``, and at most
+``--max-concurrent`` requests are served at once (the next ones wait in the listen queue).
 A request that is not a valid batch gets a 400, a reward that fails gets a 500 naming the function and
 what went wrong (type, sample index), so the trainer's error names the remote function too; prompts,
 responses, file paths and the raised message stay in the server's log. Requests are
@@ -27,13 +29,16 @@ import hmac
 import json
 import logging
 import os
+import secrets
+import sys
 import threading
+from pathlib import Path
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Optional, Sequence
 
 from rlhf_ray.rewards.base import RewardError, RewardSource, checked_scores
-from rlhf_ray.rewards.http import _LOOPBACK, TOKEN_ENV
+from rlhf_ray.rewards.http import TOKEN_ENV
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +74,17 @@ class RewardServer(ThreadingHTTPServer):
             self._slots.release()
 
 
-def make_server(source: RewardSource, timeout_s: float, host: str = "127.0.0.1", port: int = 0,
-                token: Optional[str] = None, max_body_bytes: int = MAX_BODY_BYTES,
-                read_timeout_s: float = READ_TIMEOUT_S, max_concurrent: int = MAX_CONCURRENT) -> RewardServer:
+def make_server(source: RewardSource, timeout_s: float, token: str, host: str = "127.0.0.1", port: int = 0,
+                max_body_bytes: int = MAX_BODY_BYTES, read_timeout_s: float = READ_TIMEOUT_S,
+                max_concurrent: int = MAX_CONCURRENT) -> RewardServer:
     """A bound (not yet serving) server scoring with ``source``, ``timeout_s`` per batch; ``port=0`` picks a free port.
 
-    ``token``: when set, a POST must carry ``Authorization: Bearer <token>``. Serve with ``serve_forever()`` (in a
-    thread if needed); the bound port is ``server.server_address[1]``; stop with ``shutdown()`` then
-    ``server_close()``.
+    A POST must carry ``Authorization: Bearer <token>`` (``token`` is required: there is no open mode). Serve with
+    ``serve_forever()`` (in a thread if needed); the bound port is ``server.server_address[1]``; stop with
+    ``shutdown()`` then ``server_close()``.
     """
+    if not token or not token.strip():
+        raise ValueError("the reward server needs a bearer token (resolve_token makes one)")
     handler = type("RewardHandler", (_RewardHandler,), {
         "source": source, "timeout_s": timeout_s, "token": token, "max_body_bytes": max_body_bytes,
         "timeout": read_timeout_s})
@@ -98,7 +105,7 @@ def serve_in_thread(server: ThreadingHTTPServer, poll_interval: float = 0.05) ->
 class _RewardHandler(BaseHTTPRequestHandler):
     source: RewardSource
     timeout_s: float
-    token: Optional[str]
+    token: str
     max_body_bytes: int
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
@@ -108,11 +115,11 @@ class _RewardHandler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.NOT_FOUND, {"error": "POST a batch to score it; GET /health for liveness"})
 
     def do_POST(self) -> None:  # noqa: N802
-        if self.token is not None:
-            given = self.headers.get("Authorization") or ""
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
-                self._send(HTTPStatus.UNAUTHORIZED, {"error": f"missing or wrong bearer token (${TOKEN_ENV})"})
-                return
+        given = self.headers.get("Authorization") or ""
+        if not hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            self._send(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong bearer token (the trainer sends the one "
+                                                          "in the environment variable reward.http_token_env names)"})
+            return
         try:
             prompts, responses, row_fields = self._read_batch()
         except ValueError as exc:
@@ -164,6 +171,34 @@ class _RewardHandler(BaseHTTPRequestHandler):
         log.debug("%s - " + format, self.address_string(), *args)
 
 
+def resolve_token(token_file: Optional[Path]) -> str:
+    """The server's bearer token: ``token_file`` if it exists, else ``$RLHF_RAY_REWARD_TOKEN``, else a new one.
+
+    A new token is printed once on stdout (``RLHF_RAY_REWARD_TOKEN=<token>``, ready for the trainer's environment)
+    and, when ``token_file`` is given, written there readable by its owner only. ValueError for an empty file.
+    """
+    if token_file is not None and token_file.exists():
+        token = token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"--token-file {token_file} is empty")
+        return token
+    token = os.environ.get(TOKEN_ENV, "").strip()
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    where = ""
+    if token_file is not None:
+        # O_EXCL: never follow a link or write into a file someone else created; 0600 from the first byte.
+        fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        where = f" and written to {token_file} (mode 0600)"
+    log.info("no --token-file or $%s given: generated a bearer token, printed below once%s; set it where the "
+             "trainer runs, in the variable reward.http_token_env names", TOKEN_ENV, where)
+    print(f"{TOKEN_ENV}={token}", file=sys.stdout, flush=True)
+    return token
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """CLI: ``python -m rlhf_ray.rewards.server --reward path.py[:fn] [--host H] [--port N] [--timeout-s S]``."""
     from rlhf_ray.config.schema import RewardConfig
@@ -178,20 +213,21 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--max-body-mb", type=float, default=MAX_BODY_BYTES / 2**20, help="largest request body")
     p.add_argument("--read-timeout-s", type=float, default=READ_TIMEOUT_S, help="drop a client silent this long")
     p.add_argument("--max-concurrent", type=int, default=MAX_CONCURRENT, help="requests served at once")
-    p.add_argument("--allow-unauthenticated", action="store_true",
-                   help=f"listen beyond this machine without ${TOKEN_ENV} (anyone who reaches the port can call it)")
+    p.add_argument("--token-file", type=Path, default=None,
+                   help=f"the bearer token: read from this file if it exists (else ${TOKEN_ENV}); a token generated "
+                        "because neither was given is written here (mode 0600)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    token = os.environ.get(TOKEN_ENV) or None
-    if token is None and args.host not in _LOOPBACK and not args.allow_unauthenticated:
-        p.error(f"--host {args.host} accepts other machines: set ${TOKEN_ENV} (the trainer sends it too) or pass "
-                "--allow-unauthenticated")
+    try:
+        token = resolve_token(args.token_file)
+    except ValueError as exc:
+        p.error(str(exc))
     source = build_reward_source(args.reward, args.timeout_s)
-    server = make_server(source, args.timeout_s, args.host, args.port, token, int(args.max_body_mb * 2**20),
+    server = make_server(source, args.timeout_s, token, args.host, args.port, int(args.max_body_mb * 2**20),
                          args.read_timeout_s, args.max_concurrent)
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%s (POST a batch; GET /health)%s", source.describe(), host, port,
-             "" if token else " without a token")
+    log.info("serving %s on http://%s:%s (POST a batch with the bearer token; GET /health)", source.describe(), host,
+             port)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -125,17 +125,21 @@ def test_reward_server_command_serves(scratch):
     assert cmds
     for cmd in cmds:
         argv = shlex.split(re.sub(r"--port \d+", "--port 0", cmd))
-        proc = subprocess.Popen([sys.executable, *argv[1:]], cwd=scratch, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(REPO)})
+        env = {k: v for k, v in os.environ.items() if k != "RLHF_RAY_REWARD_TOKEN"} | {"PYTHONPATH": str(REPO)}
+        proc = subprocess.Popen([sys.executable, *argv[1:]], cwd=scratch, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=env)
         try:
-            line = proc.stderr.readline()
+            # No token given: the server prints the one it generated, once, as RLHF_RAY_REWARD_TOKEN=<token>.
+            token = proc.stdout.readline().strip().removeprefix("RLHF_RAY_REWARD_TOKEN=")
+            line = next(line for line in proc.stderr if " serving " in line)
             port = int(re.search(r"http://[\d.]+:(\d+)", line).group(1))
             body = json.dumps({"prompts": ["p"], "responses": ["r"], "row_fields": {}}).encode()
             deadline = time.monotonic() + 10
             while True:
                 try:
                     with urllib.request.urlopen(urllib.request.Request(
-                            f"http://127.0.0.1:{port}/score", data=body, method="POST"), timeout=5) as resp:
+                            f"http://127.0.0.1:{port}/score", data=body, method="POST",
+                            headers={"Authorization": f"Bearer {token}"}), timeout=5) as resp:
                         assert len(json.loads(resp.read())["rewards"]) == 1
                     break
                 except OSError:

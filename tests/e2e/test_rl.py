@@ -58,7 +58,7 @@ def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path
 
 
 def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster, tiny_model_dir, trained_rm,
-                                                                   tmp_path, capsys):
+                                                                   tmp_path, capsys, monkeypatch):
     """job: ppo from the CLI, placement shared: actor+reference on the same GPUs, critic+reward model on the same
     GPUs, the engine apart. Rewards: the reward model trained by job rm (its export used as is), a Python file
     and an HTTP endpoint, summed with weights."""
@@ -66,7 +66,9 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
     reward_file = tmp_path / "my_reward.py"
     reward_file.write_text("def reward_fn(prompts, responses, answer, **_):\n"
                            "    return [1.0 if a in r else 0.0 for r, a in zip(responses, answer)]\n")
-    server = make_server(build_reward_source("examples/rewards/length_penalty.py:brevity_bonus", 30.0), 30.0)
+    monkeypatch.setenv("RLHF_RAY_REWARD_TOKEN", "ppo-test-token")  # reward.http_token_env's default variable
+    server = make_server(build_reward_source("examples/rewards/length_penalty.py:brevity_bonus", 30.0), 30.0,
+                         "ppo-test-token")
     serve_in_thread(server)
     url = f"http://127.0.0.1:{server.server_address[1]}/score"
     out = tmp_path / "ppo"
@@ -87,7 +89,8 @@ def test_ppo_with_critic_reward_model_reward_file_and_http_endpoint(ray_cluster,
     last = rows[-1]
     http_key = f"reward/{metric_name(url)}_mean"
     for key in ("rollout/reward_mean", "reward/model_mean", "reward/reward_fn_mean", http_key,
-                "critic/value_loss", "critic/values_mean", "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
+                "critic/value_loss", "critic/values_mean", "critic/skipped_updates", "actor/skipped_updates",
+                "actor/pg_loss", "actor/clip_fraction", "actor/entropy",
                 "kl/policy_reference", "kl/coef", "timing/generate_s", "timing/reward_s", "timing/reference_s",
                 "timing/critic_s", "timing/old_logprobs_s", "timing/train_s", "timing/weight_sync_s",
                 "efficiency/tokens_per_s", "efficiency/step_floor_s", "efficiency/mfu",

@@ -77,6 +77,7 @@ def test_sft_with_zero2_and_zero3_lowers_the_response_loss_identically(sft_runs)
         # A random-init char model starts near ln(vocab) ~ 4.6 and must drop clearly on this set.
         assert sum(losses[stage][-3:]) / 3 < sum(losses[stage][:3]) / 3 - 0.5, losses[stage]
         assert all(r["train/response_tokens"] > 0 for r in rows)
+        assert all(r["train/skipped_updates"] == 0.0 for r in rows)  # train.on_nonfinite's count, in every step
         # The efficiency report rides along in every run: train time beside its FLOP floor, and MFU.
         assert all(r["efficiency/train_vs_floor"] > 1.0 and 0 < r["efficiency/mfu"] < 1 for r in rows)
         final = Path(result["final_model"])

@@ -1,5 +1,6 @@
-"""The cluster configs parse, carry the fields their tools require, run a command our CLI accepts, and
-have labelled node groups that can hold the job they run; node-aware placement plans (no cluster needed)."""
+"""The cluster configs parse, carry the fields their tools require, run a command our CLI accepts, turn on Ray's
+token authentication and keep the dashboard off public addresses, and have labelled node groups that can hold the
+job they run; node-aware placement plans (no cluster needed)."""
 
 import itertools
 import shlex
@@ -82,6 +83,14 @@ def test_ray_cluster_launcher_yaml():
     assert {t["labels"][POOL] for t in gpu_types.values()} == {"learner", "rollout"}
     assert any("ray start --head" in c for c in cfg["head_start_ray_commands"])
     assert any("ray start --address" in c for c in cfg["worker_start_ray_commands"])
+    # Ray's token authentication on every node, the token shipped to every node, and the dashboard / Jobs API
+    # bound to the head's loopback (reached by `ray dashboard`'s SSH port-forward), never a public address.
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert starts and all(shlex.split(c)[0] == "RAY_AUTH_MODE=token" for c in starts), starts
+    assert "~/.ray/auth_token" in cfg["file_mounts"]
+    (head_start,) = [shlex.split(c) for c in cfg["head_start_ray_commands"] if "ray start --head" in c]
+    hosts = [a.split("=", 1)[1] for a in head_start if a.startswith("--dashboard-host=")]
+    assert hosts == ["127.0.0.1"], head_start  # Ray's default is loopback too; stated so nobody widens it by habit
     # The job its usage comment submits fits the nodes that exist at start (min_workers of each type).
     nodes = [(dict(types[cfg["head_node_type"]]["resources"]), {})]
     for t in gpu_types.values():
@@ -90,10 +99,21 @@ def test_ray_cluster_launcher_yaml():
     check_fits(load_command(cmd), nodes)
 
 
+def check_kuberay_security(spec: dict, text: str) -> None:
+    """Token authentication on, and the dashboard (0.0.0.0 inside the head pod) behind an internal Service only,
+    with a comment saying so."""
+    assert spec["authOptions"] == {"mode": "token"}
+    head = spec["headGroupSpec"]
+    assert head.get("serviceType") == "ClusterIP", "the head Service must stay internal (ClusterIP)"
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0" and "ClusterIP" in text
+
+
 def test_kuberay_raycluster():
-    doc = yaml.safe_load((CONFIGS / "kuberay-raycluster.yaml").read_text())
+    text = (CONFIGS / "kuberay-raycluster.yaml").read_text()
+    doc = yaml.safe_load(text)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayCluster"
     spec = doc["spec"]
+    check_kuberay_security(spec, text)
     assert spec["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
     workers = spec["workerGroupSpecs"]
     assert workers and all(_pod_gpus(w["template"]) > 0 for w in workers)
@@ -104,9 +124,11 @@ def test_kuberay_raycluster():
 
 
 def test_kuberay_rayjob_runs_our_cli():
-    doc = yaml.safe_load((CONFIGS / "kuberay-rayjob.yaml").read_text())
+    text = (CONFIGS / "kuberay-rayjob.yaml").read_text()
+    doc = yaml.safe_load(text)
     assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayJob"
     spec = doc["spec"]
+    check_kuberay_security(spec["rayClusterSpec"], text)
     cfg = check_entrypoint(spec["entrypoint"])
     assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
     assert all(_pod_gpus(w["template"]) > 0 for w in spec["rayClusterSpec"]["workerGroupSpecs"])

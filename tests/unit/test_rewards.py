@@ -329,10 +329,14 @@ def test_package_import_is_light():
 
 # ---------------------------------------------------------------- HTTP reward against the reference server
 
+TOKEN = "test-token"
+"""The bearer token of the servers below (``served``); their clients send it."""
+
+
 @contextmanager
-def served(source, timeout_s=5.0, **options):
-    """The reference server on 127.0.0.1:<free port> in a thread; yields its scoring URL."""
-    server = make_server(source, timeout_s, **options)
+def served(source, timeout_s=5.0, token=TOKEN, **options):
+    """The reference server on 127.0.0.1:<free port> in a thread, requiring ``token``; yields its scoring URL."""
+    server = make_server(source, timeout_s, token, **options)
     thread = serve_in_thread(server)
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}/score"
@@ -361,7 +365,7 @@ class Recorder:
 def test_http_reward_success_in_chunks():
     rec = Recorder()
     with served(FunctionReward(rec, name="remote_len")) as url:
-        client = HttpReward(url, timeout_s=5, batch_size=2, backoff_s=0.01)
+        client = HttpReward(url, timeout_s=5, batch_size=2, token=TOKEN, backoff_s=0.01)
         responses = ["a", "bb", "ccc", "dddd", "eeeee"]
         out = checked_scores(client, ["p"] * 5, responses, {"answer": [10, 20, 30, 40, 50]}, timeout_s=5)
     assert out == [11.0, 22.0, 33.0, 44.0, 55.0]  # len(response) + answer, in order
@@ -371,7 +375,8 @@ def test_http_reward_success_in_chunks():
 def test_http_reward_retries_a_5xx_then_succeeds():
     rec = Recorder(fail_first=1)
     with served(FunctionReward(rec, name="flaky")) as url:
-        out = HttpReward(url, timeout_s=5, batch_size=8, backoff_s=0.01).score(["p"], ["xy"], {"answer": [1]})
+        client = HttpReward(url, timeout_s=5, batch_size=8, token=TOKEN, backoff_s=0.01)
+        out = client.score(["p"], ["xy"], {"answer": [1]})
     assert out == [3.0]  # 2 + 1
     assert len(rec.batches) == 2  # the 500, then the retry
 
@@ -379,7 +384,7 @@ def test_http_reward_retries_a_5xx_then_succeeds():
 def test_http_reward_server_error_names_url_and_remote_function():
     rec = Recorder(fail_first=100)
     with served(FunctionReward(rec, name="always_fails")) as url:
-        client = HttpReward(url, timeout_s=5, batch_size=8, retries=2, backoff_s=0.01)
+        client = HttpReward(url, timeout_s=5, batch_size=8, token=TOKEN, retries=2, backoff_s=0.01)
         with pytest.raises(RewardError) as info:
             checked_scores(client, ["p"], ["xy"], {"answer": [1]}, timeout_s=5)
     msg = str(info.value)
@@ -394,7 +399,7 @@ def test_http_reward_unreachable_port_gives_up_after_retries():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/score"
-    client = HttpReward(url, timeout_s=2, batch_size=8, retries=2, backoff_s=0.01)
+    client = HttpReward(url, timeout_s=2, batch_size=8, token=TOKEN, retries=2, backoff_s=0.01)
     t0 = time.monotonic()
     with pytest.raises(RewardError, match=rf"^reward endpoint {url} failed after 3 attempts; last: connection failed"):
         checked_scores(client, ["p"], ["r"], {}, timeout_s=5)
@@ -404,10 +409,18 @@ def test_http_reward_unreachable_port_gives_up_after_retries():
 def test_http_reward_bad_response_shape():
     # The reward itself returns 2 scores for 1 sample: the server reports it, as a 500.
     with served(FunctionReward(lambda p, r, **_: [1.0, 2.0], name="too_many")) as url:
-        client = HttpReward(url, timeout_s=5, batch_size=8, retries=0)
+        client = HttpReward(url, timeout_s=5, batch_size=8, token=TOKEN, retries=0)
         with pytest.raises(RewardError, match=r"failed after 1 attempts; last: HTTP 500: .*'too_many' returned "
                                               r"2 scores for a batch of 1 samples"):
             client.score(["p"], ["r"], {})
+
+
+def post(url, body: bytes, token=TOKEN):
+    """POST ``body`` to ``url`` with ``token`` (none when None); the HTTPError of a non-2xx answer is raised."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method="POST"),
+                                timeout=5) as resp:
+        return json.load(resp)
 
 
 def test_server_health_and_bad_request():
@@ -415,43 +428,108 @@ def test_server_health_and_bad_request():
         base = url.rsplit("/", 1)[0]
         with urllib.request.urlopen(f"{base}/health", timeout=5) as resp:
             assert json.load(resp) == {"status": "ok", "reward": "one"}
-        body = json.dumps({"prompts": ["a", "b"], "responses": ["x"]}).encode()
-        req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
         with pytest.raises(urllib.error.HTTPError) as info:
-            urllib.request.urlopen(req, timeout=5)
+            post(url, json.dumps({"prompts": ["a", "b"], "responses": ["x"]}).encode())
         assert info.value.code == 400
         assert json.load(info.value) == {"error": "2 prompts but 1 responses"}
 
 
-def test_server_cli_serves_a_reward_file(tmp_path):
-    path = write_reward(tmp_path, "def reward_fn(prompts, responses, **_):\n    return [7.0] * len(responses)\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.rewards.server", "--reward", path, "--port", "0"],
-                            cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        line = proc.stderr.readline()  # "... serving reward function 'reward_fn' from ... on http://127.0.0.1:PORT ..."
-        assert "serving reward function 'reward_fn'" in line, line
-        url = line.split(" on ", 1)[1].split()[0] + "/score"
-        out = HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p", "q"], ["a", "b"], {})
-        assert out == [7.0, 7.0]
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        proc.stderr.close()
+def test_server_refuses_a_request_without_its_token():
+    body = json.dumps({"prompts": ["p"], "responses": ["r"]}).encode()
+    with served(constant(1.0, "one")) as url:
+        for token in (None, "wrong"):
+            with pytest.raises(urllib.error.HTTPError) as info:
+                post(url, body, token)
+            assert info.value.code == 401 and "missing or wrong bearer token" in json.load(info.value)["error"]
+        assert post(url, body) == {"rewards": [1.0]}
+    with pytest.raises(ValueError, match="needs a bearer token"):  # there is no open mode
+        make_server(constant(1.0, "one"), 5.0, "")
 
 
-def test_server_token_is_required_and_sent_from_the_environment(monkeypatch):
+def start_cli(tmp_path, *args, env_token=None):
+    """``python -m rlhf_ray.rewards.server`` on a free port; returns (process, its scoring URL). Waits for the
+    "serving ..." line, logged after any token was printed."""
     from rlhf_ray.rewards.http import TOKEN_ENV
 
-    with served(constant(1.0, "one"), token="s3cret") as url:
-        monkeypatch.delenv(TOKEN_ENV, raising=False)
-        with pytest.raises(RewardError, match=r"answered HTTP 401: .*missing or wrong bearer token"):
-            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {})
-        monkeypatch.setenv(TOKEN_ENV, "wrong")
+    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"PYTHONPATH": str(REPO)}
+    if env_token is not None:
+        env[TOKEN_ENV] = env_token
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_ray.rewards.server", "--port", "0", *args], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:  # "... serving reward function 'reward_fn' from ... on http://127.0.0.1:PORT ..."
+        if " serving " in line:
+            return proc, line.split(" on ", 1)[1].split()[0] + "/score"
+    raise AssertionError(f"the server did not start: {proc.wait(10)}")
+
+
+def stop_cli(proc) -> str:
+    """Stop the server; returns what it printed on stdout."""
+    proc.terminate()
+    out = proc.communicate(timeout=10)[0]
+    return out
+
+
+def test_server_cli_generates_prints_and_stores_a_token_when_none_is_given(tmp_path):
+    path = write_reward(tmp_path, "def reward_fn(prompts, responses, **_):\n    return [7.0] * len(responses)\n")
+    token_file = tmp_path / "reward.token"
+    proc, url = start_cli(tmp_path, "--reward", path, "--token-file", str(token_file))
+    try:
+        printed = proc.stdout.readline().strip()  # RLHF_RAY_REWARD_TOKEN=<token>, flushed before "serving"
+        name, _, token = printed.partition("=")
+        assert name == "RLHF_RAY_REWARD_TOKEN" and len(token) >= 40, printed  # token_urlsafe(32): 43 characters
+        assert token_file.read_text().strip() == token and (token_file.stat().st_mode & 0o777) == 0o600
         with pytest.raises(RewardError, match="HTTP 401"):
-            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {})
-        monkeypatch.setenv(TOKEN_ENV, "s3cret")
-        assert HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["r"], {}) == [1.0]
+            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p"], ["a"], {})
+        assert HttpReward(url, timeout_s=5, batch_size=8, token=token, retries=0).score(["p", "q"], ["a", "b"],
+                                                                                        {}) == [7.0, 7.0]
+    finally:
+        rest = stop_cli(proc)
+    assert token not in rest  # printed once
+
+
+def test_server_cli_takes_the_token_from_its_file_then_the_environment(tmp_path):
+    token_file = tmp_path / "reward.token"
+    token_file.write_text("from-the-file\n")
+    proc, url = start_cli(tmp_path, "--reward", "builtin:format_think", "--token-file", str(token_file),
+                          env_token="from-the-env")
+    try:
+        with pytest.raises(RewardError, match="HTTP 401"):
+            HttpReward(url, timeout_s=5, batch_size=8, token="from-the-env", retries=0).score(["p"], ["a"], {})
+        assert HttpReward(url, timeout_s=5, batch_size=8, token="from-the-file", retries=0).score(["p"], ["a"],
+                                                                                               {}) == [0.0]
+    finally:
+        assert stop_cli(proc) == ""  # a token given is never printed
+    proc, url = start_cli(tmp_path, "--reward", "builtin:format_think", env_token="from-the-env")
+    try:
+        assert HttpReward(url, timeout_s=5, batch_size=8, token="from-the-env", retries=0).score(["p"], ["a"],
+                                                                                              {}) == [0.0]
+    finally:
+        assert stop_cli(proc) == ""
+
+
+def test_client_token_comes_from_the_variable_the_config_names(monkeypatch):
+    from rlhf_ray.config import ConfigError
+    from rlhf_ray.config.schema import RewardConfig
+    from rlhf_ray.controller.reward_scoring import build_function_reward
+
+    with served(constant(1.0, "one"), token="s3cret") as url:
+        cfg = RewardConfig(functions=[url], http_token_env="MY_REWARD_TOKEN")
+        monkeypatch.delenv("MY_REWARD_TOKEN", raising=False)
+        with pytest.raises(ConfigError, match=r"^reward.http_token_env: the environment variable MY_REWARD_TOKEN "
+                                              r"is not set here, and the reward endpoint http://127.0.0.1:\d+/score"):
+            build_function_reward(cfg)
+        monkeypatch.setenv("MY_REWARD_TOKEN", "wrong")
+        with pytest.raises(RewardError, match=r"answered HTTP 401: .*missing or wrong bearer token"):
+            build_function_reward(cfg).score(["p"], ["r"], {})
+        monkeypatch.setenv("MY_REWARD_TOKEN", "s3cret")
+        assert build_function_reward(cfg).score(["p"], ["r"], {}) == [1.0]
+        assert "s3cret" not in repr(cfg)  # the config (as logged and written) holds the variable's name only
+        # null: no token sent (an endpoint without authentication), so this server refuses it
+        with pytest.raises(RewardError, match="HTTP 401"):
+            build_function_reward(RewardConfig(functions=[url], http_token_env=None)).score(["p"], ["r"], {})
+    with pytest.raises(ValueError, match="carries a credential in its URL") as info:
+        HttpReward("http://user:s3cret@127.0.0.1:1/score", timeout_s=5, batch_size=8)
+    assert "s3cret" not in str(info.value)
 
 
 def test_server_caps_bodies_and_drops_silent_clients():
@@ -459,27 +537,24 @@ def test_server_caps_bodies_and_drops_silent_clients():
 
     with served(constant(1.0, "one"), max_body_bytes=100, read_timeout_s=0.5) as url:
         with pytest.raises(RewardError, match=r"HTTP 400: .*expected a JSON body of 1..100 bytes"):
-            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["p" * 200], ["r"], {})
+            HttpReward(url, timeout_s=5, batch_size=8, token=TOKEN, retries=0).score(["p" * 200], ["r"], {})
         port = int(url.rsplit(":", 1)[1].split("/")[0])
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-            sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\n")  # ... and then nothing more
-            t0 = time.monotonic()
-            assert sock.recv(1024) == b""  # the server closed the connection
-            assert time.monotonic() - t0 < 3
+        stalls = (b"POST /score HTTP/1.1\r\nHost: x\r\n",  # headers, and then nothing more
+                  b"POST /score HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + TOKEN.encode()
+                  + b"\r\nContent-Length: 50\r\n\r\n{\"prompts\"")  # 11 bytes of a 50-byte body
+        for partial in stalls:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(partial)
+                t0 = time.monotonic()
+                while sock.recv(1024):  # until the server closes the connection
+                    pass
+                assert time.monotonic() - t0 < 3
 
 
-def test_server_cli_refuses_other_machines_without_a_token(tmp_path):
-    from rlhf_ray.rewards.http import TOKEN_ENV
-
-    env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV} | {"PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "rlhf_ray.rewards.server", "--reward", "builtin:math", "--host",
-                           "0.0.0.0", "--port", "0"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
-    assert proc.returncode == 2 and f"set ${TOKEN_ENV}" in proc.stderr, proc.stderr
-
-
-def test_an_endpoint_that_is_down_is_named_when_the_rewards_are_built():
+def test_an_endpoint_that_is_down_is_named_when_the_rewards_are_built(monkeypatch):
     import socket
+
+    from rlhf_ray.rewards.http import TOKEN_ENV
 
     from rlhf_ray.config.schema import RewardConfig
     from rlhf_ray.controller.reward_scoring import build_function_reward
@@ -488,6 +563,7 @@ def test_an_endpoint_that_is_down_is_named_when_the_rewards_are_built():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/score"
+    monkeypatch.setenv(TOKEN_ENV, TOKEN)
     with pytest.raises(RewardError, match=rf"^reward endpoint {url} is not reachable: .*refused"):
         build_function_reward(RewardConfig(functions=["builtin:math", url]))
     with served(constant(1.0, "one")) as up:
@@ -501,7 +577,7 @@ def test_server_errors_keep_prompts_paths_and_messages_home(tmp_path):
 
     with served(build_reward_source(path, 5.0)) as url:
         with pytest.raises(RewardError) as info:
-            HttpReward(url, timeout_s=5, batch_size=8, retries=0).score(["private prompt"], ["r"], {})
+            HttpReward(url, timeout_s=5, batch_size=8, token=TOKEN, retries=0).score(["private prompt"], ["r"], {})
     msg = str(info.value)
     assert "HTTP 500" in msg and "reward function 'reward_fn' raised ValueError: secret-in-message <sample> on " \
                                  "sample 0" in msg, msg
