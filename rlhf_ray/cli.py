@@ -1,4 +1,4 @@
-"""The ``rlhf-ray`` command: train, validate, make-tiny-model, demo.
+"""The ``rlhf-ray`` command: train, validate, eval, make-tiny-model, demo.
 
 Thin on purpose: parse -> build the config -> run the job -> report. Config errors exit with code 2
 and a one-line message naming the key (no traceback); anything else propagates.
@@ -23,6 +23,9 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    e = sub.add_parser("eval", help="sample a model on a prompt set, score with the rewards: pass@k, maj@k, reward")
+    e.add_argument("config", help="YAML config file (run as job: eval, whatever its job key says)")
+    e.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=runs/grpo/final")
     t = sub.add_parser("make-tiny-model", help="write a small random-init model + tokenizer (no download)")
     t.add_argument("out_dir")
     t.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -58,6 +61,21 @@ def cmd_validate(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     _, _, (_, _, counts) = prepare(cfg)
     print(f"config OK: job={cfg.job} model={cfg.model.path} data={cfg.data.path} {counts}")
+    return 0
+
+
+def cmd_eval(config: str, overrides: list[str]) -> int:
+    """The config as job eval (a training config evaluates its model on its prompts with its rewards)."""
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.evaluation.summary import format_table
+    from rlhf_ray.jobs import get_job
+
+    cfg = load_config(config, ["job=eval", *overrides])
+    if cfg.job != "eval":
+        raise ConfigError(f"job: rlhf-ray eval runs job eval; drop the job={cfg.job} override (or use rlhf-ray train)")
+    result = get_job("eval").run(cfg)
+    print(format_table(result["eval"]))
+    print(f"eval.json: {result['eval_path']}")
     return 0
 
 
@@ -104,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args.config, args.overrides)
         if args.command == "validate":
             return cmd_validate(args.config, args.overrides)
+        if args.command == "eval":
+            return cmd_eval(args.config, args.overrides)
         if args.command == "make-tiny-model":
             return cmd_make_tiny_model(args)
         if args.command == "demo":
