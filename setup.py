@@ -26,6 +26,7 @@ setup(
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "numpy>=1.26",
+        "matplotlib>=3.8",  # the run report's pictures (rlhf_ray/report)
     ],
     extras_require={
         # vLLM's CPU build pins the torch it was built against (2.13.0+cpu).

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 # Installed or not is asked of the import system without importing (importing vLLM alone takes ~15 s of CPU).
 if ! $PY -c "import importlib.util as u, sys; sys.exit(any(u.find_spec(m) is None for m in
-    ('rlhf_ray', 'vllm', 'deepspeed', 'ray', 'peft', 'datasets', 'trl', 'bitsandbytes', 'pytest')))" >/dev/null 2>&1 \
+    ('rlhf_ray', 'vllm', 'deepspeed', 'ray', 'peft', 'datasets', 'trl', 'bitsandbytes', 'pytest', 'matplotlib')))" \
+    >/dev/null 2>&1 \
    || ! command -v rlhf-ray >/dev/null 2>&1; then
   $PY -m pip install -q -e ".[cpu,dev]"
 fi

@@ -1,4 +1,4 @@
-"""The ``rlhf-ray`` command: train, validate, make-tiny-model, demo.
+"""The ``rlhf-ray`` command: train, validate, eval, report, make-tiny-model, demo.
 
 Thin on purpose: parse -> build the config -> run the job -> report. Config errors exit with code 2
 and a one-line message naming the key (no traceback); anything else propagates.
@@ -23,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_)
         s.add_argument("config", help="YAML config file")
         s.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-5")
+    e = sub.add_parser("eval", help="sample a model on a prompt set, score with the rewards: pass@k, maj@k, reward")
+    e.add_argument("config", help="YAML config file (run as job: eval, whatever its job key says)")
+    e.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=runs/grpo/final")
+    r = sub.add_parser("report", help="one HTML page of a run: metrics over steps, phase times, placement, eval")
+    r.add_argument("run_dir", help="a run's train.output_dir")
+    r.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
     t = sub.add_parser("make-tiny-model", help="write a small random-init model + tokenizer (no download)")
     t.add_argument("out_dir")
     t.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
@@ -58,6 +64,30 @@ def cmd_validate(config: str, overrides: list[str]) -> int:
     cfg = load_config(config, overrides)
     _, _, (_, _, counts) = prepare(cfg)
     print(f"config OK: job={cfg.job} model={cfg.model.path} data={cfg.data.path} {counts}")
+    return 0
+
+
+def cmd_eval(config: str, overrides: list[str]) -> int:
+    """The config as job eval (a training config evaluates its model on its prompts with its rewards)."""
+    from rlhf_ray.config import ConfigError, load_config
+    from rlhf_ray.evaluation.summary import format_table
+    from rlhf_ray.jobs import get_job
+
+    cfg = load_config(config, ["job=eval", *overrides])
+    if cfg.job != "eval":
+        raise ConfigError(f"job: rlhf-ray eval runs job eval; drop the job={cfg.job} override (or use rlhf-ray train)")
+    result = get_job("eval").run(cfg)
+    print(format_table(result["eval"]))
+    print(f"eval.json: {result['eval_path']}")
+    if result.get("report"):
+        print(f"report: {result['report']}")
+    return 0
+
+
+def cmd_report(run_dir: str, out: str | None) -> int:
+    from rlhf_ray.report import write_report
+
+    print(f"report: {write_report(run_dir, out)}")
     return 0
 
 
@@ -104,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_train(args.config, args.overrides)
         if args.command == "validate":
             return cmd_validate(args.config, args.overrides)
+        if args.command == "eval":
+            return cmd_eval(args.config, args.overrides)
+        if args.command == "report":
+            return cmd_report(args.run_dir, args.out)
         if args.command == "make-tiny-model":
             return cmd_make_tiny_model(args)
         if args.command == "demo":
@@ -114,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # data, reward and placement errors are user errors too: one clear line
         from rlhf_ray.controller.placement import PlacementError
         from rlhf_ray.data.errors import DataError
+        from rlhf_ray.report.run_data import ReportError
         from rlhf_ray.rewards import RewardError
 
         for kind, label in ((DataError, "data error"), (RewardError, "reward error"),
-                            (PlacementError, "placement error")):
+                            (PlacementError, "placement error"), (ReportError, "report error")):
             if isinstance(exc, kind):
                 print(f"{label}: {exc}", file=sys.stderr)
                 return 2

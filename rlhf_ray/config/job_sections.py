@@ -240,3 +240,30 @@ class BestOfNConfig:
     select: Literal["best", "threshold"] = "best"
     threshold: float = 0.0
     """select=threshold: keep every response scoring at least this."""
+
+
+@dataclass
+class EvalConfig:
+    """Job ``eval`` (``rlhf-ray eval``): ``rollout.n_samples`` samples per prompt at ``rollout.temperature`` from
+    the ``model`` on the ``data`` prompt set, scored by the ``reward`` section as in training; pass@k, maj@k, mean
+    reward, response length and each reward source's mean go to ``<train.output_dir>/eval.json`` and a table."""
+
+    ks: list[int] = field(default_factory=list)
+    """The k of pass@k and maj@k, each in 1..rollout.n_samples; empty: 1 and rollout.n_samples."""
+    correct_threshold: float = 1.0
+    """A sample counts as correct (pass@k, maj@k, accuracy) when its total reward is >= this. 1.0: the full
+    reward of ``builtin:math`` (a right final answer); lower it for rewards on another scale."""
+    vote_on: Literal["math_answer", "response"] = "math_answer"
+    """What maj@k votes over. math_answer: the final answer ``builtin:math`` grades (the last ``\\boxed{}``,
+    ``####``, "the answer is" or the last number), normalised, numbers compared exactly (``0.5`` = ``1/2``); a
+    response without one abstains. response: the response text, stripped of surrounding whitespace."""
+    greedy: bool = False
+    """Also one greedy response per prompt (temperature 0), reported apart under ``greedy``."""
+
+    def __post_init__(self) -> None:
+        import math
+
+        _check(all(k >= 1 for k in self.ks), "ks", f"each k must be >= 1, got {self.ks}")
+        _check(len(set(self.ks)) == len(self.ks), "ks", f"lists a k twice: {self.ks}")
+        _check(math.isfinite(self.correct_threshold), "correct_threshold",
+               f"must be a finite number, got {self.correct_threshold}")

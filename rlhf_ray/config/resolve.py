@@ -89,6 +89,10 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
     if not cfg.reward.functions and not cfg.reward.model:
         raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
                           "and/or reward.model")
+    per_pass = lc.micro_batch_size * lc.num_workers
+    if cfg.job == "eval":  # samples once over its prompts; no learner, so no batch split to check
+        _check_eval(cfg)
+        return BatchShape(per_step=a.prompts_per_step * r.n_samples, per_update=per_pass, updates_per_step=0), None
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature: job {cfg.job} samples several responses and the learners score "
                           f"them at logits / temperature; needs a temperature > 0, got {r.temperature}")
@@ -99,7 +103,6 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
     if cfg.job in ("online_dpo", "best_of_n") and r.n_samples < 2:
         raise ConfigError(f"rollout.n_samples: job {cfg.job} compares samples of a prompt; needs >= 2, "
                           f"got {r.n_samples}")
-    per_pass = lc.micro_batch_size * lc.num_workers
     if cfg.job == "best_of_n":
         return BatchShape(per_step=B, per_update=per_pass, updates_per_step=0), None
     if cfg.job == "online_dpo":
@@ -138,6 +141,19 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
     rl = RLSettings(advantage=advantage, old_logprobs=old_logprobs, kl_in_loss=reference and a.kl_in == "loss",
                     kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae")
     return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
+
+
+def _check_eval(cfg: "Config") -> None:
+    """Job eval: every k of pass@k / maj@k within the samples per prompt, and samples that can differ."""
+    n = cfg.rollout.n_samples
+    for k in cfg.eval.ks:
+        if k > n:
+            raise ConfigError(f"eval.ks: k={k} is more than the rollout.n_samples={n} samples per prompt; pass@k "
+                              f"and maj@k take k of a prompt's n samples, so raise rollout.n_samples to >= {k}")
+    if cfg.rollout.temperature == 0 and n > 1:
+        raise ConfigError(f"rollout.temperature: 0 is greedy decoding, which makes the n_samples={n} samples of a "
+                          "prompt one and the same response; set a temperature > 0 for pass@k / maj@k (and "
+                          "eval.greedy=true for a greedy response beside them), or rollout.n_samples=1")
 
 
 def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:

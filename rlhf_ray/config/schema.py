@@ -13,18 +13,20 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from rlhf_ray.config.errors import check as _check
-from rlhf_ray.config.job_sections import (AlgoConfig, BestOfNConfig, CriticConfig, DPOConfig, KTOConfig,
+from rlhf_ray.config.job_sections import (AlgoConfig, BestOfNConfig, CriticConfig, DPOConfig, EvalConfig, KTOConfig,
                                           RewardConfig, RewardModelTrainConfig, RolloutConfig)
 
-__all__ = ["AlgoConfig", "BestOfNConfig", "Config", "CriticConfig", "DPOConfig", "DataConfig", "JOBS", "KTOConfig",
+__all__ = ["AlgoConfig", "BestOfNConfig", "Config", "CriticConfig", "DPOConfig", "DataConfig", "EvalConfig", "JOBS",
+           "KTOConfig",
            "LearnerConfig", "LoggingConfig", "LoraConfig", "ModelConfig", "OptimConfig", "PLACEMENT_ROLES",
            "PLACEMENT_STRATEGIES", "PlacementConfig", "RL_JOBS", "RayConfig", "RewardConfig",
            "RewardModelTrainConfig", "RolloutConfig", "TrainConfig"]
 
-JOBS = ("sft", "rm", "dpo", "kto", "best_of_n", "online_dpo", "ppo", "grpo")
+JOBS = ("sft", "rm", "dpo", "kto", "best_of_n", "online_dpo", "ppo", "grpo", "eval")
 """Values of the root ``job`` key (``rlhf_ray.jobs.JOBS`` maps each to its module)."""
-RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n")
-"""Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n also train a policy)."""
+RL_JOBS = ("ppo", "grpo", "online_dpo", "best_of_n", "eval")
+"""Jobs that sample from vLLM rollout engines and score with rewards (all but best_of_n and eval also train a
+policy)."""
 
 
 @dataclass
@@ -323,6 +325,7 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     kto: KTOConfig = field(default_factory=KTOConfig)
     best_of_n: BestOfNConfig = field(default_factory=BestOfNConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         # The checks across sections are the resolution of the whole tree (``rlhf_ray.config.resolve``): a

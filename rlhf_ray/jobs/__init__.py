@@ -18,6 +18,7 @@ JOBS: dict[str, str] = {
     "online_dpo": "rlhf_ray.jobs.online_dpo",
     "ppo": "rlhf_ray.jobs.ppo",
     "grpo": "rlhf_ray.jobs.grpo",
+    "eval": "rlhf_ray.jobs.eval",
 }
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_PARTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard")
+RUN_PARTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", "eval.json", "eval_samples.jsonl", "report.html")
 """What a run writes into ``train.output_dir`` (and ``train.overwrite`` removes)."""
 
 
@@ -37,7 +37,8 @@ def check_paths(resolved: "Resolved") -> None:
                           f"rlhf-ray make-tiny-model {paths.model}")
     looks_local = cfg.model.path.startswith((".", "/", "~")) or p.exists()
     if looks_local and not (p / "config.json").is_file():
-        raise ConfigError(f"model.path: '{paths.model}' is not a model directory (no config.json there)")
+        hint = f"; it holds a run: its model is {p / 'final'}" if (p / "final" / "config.json").is_file() else ""
+        raise ConfigError(f"model.path: '{paths.model}' is not a model directory (no config.json there){hint}")
     for key, value in (("reward.model", paths.reward_model), ("critic.model", paths.critic_model)):
         if value and value.startswith(("/", ".", "~")) and not (Path(value) / "config.json").is_file():
             raise ConfigError(f"{key}: '{value}' is not a model directory (no config.json there)")

@@ -3,7 +3,7 @@
     resolve the config -> check paths -> tokenizer -> data (and its schedule) -> lock the output directory ->
     join Ray, probe where GPUs really run -> placement plan, checked against the cluster -> run directory ->
     start the roles -> the job's body (a loop's ``run``) -> teardown, in a ``finally``: no actor or placement
-    group outlives the job, also when a role fails to start.
+    group outlives the job, also when a role fails to start -> the run's report.html (``rlhf_ray.report``).
 
 A fault (an actor died, a call timed out: ``controller.recovery``) that the body does not recover from itself
 ends that attempt; within ``train.max_restarts`` the roles start again and the body resumes from the latest
@@ -84,6 +84,9 @@ def run_job(cfg: Config, job: Optional[Job] = None) -> dict[str, Any]:
     check_resume(resolved, len(train))
     with OutputDirLock(resolved.paths.output_dir):
         result = _run_locked(cfg, job, tokenizer, train, evaluation, schedule)
+        from rlhf_ray.report import write_report_or_warn  # a report failure warns, never fails a finished run
+
+        result["report"] = write_report_or_warn(resolved.paths.output_dir)
     result["data"] = counts
     return result
 

@@ -87,6 +87,16 @@ def _as_number(s: str) -> Optional[Fraction]:
         return None
 
 
+def answer_key(answer: Optional[str]) -> Optional[str]:
+    """A canonical key of an extracted answer, for counting votes: ``normalize_answer``'s form, and a number as
+    its exact fraction (``0.5``, ``1/2`` and ``\\frac{1}{2}`` all give ``1/2``); None stays None (no answer)."""
+    if answer is None:
+        return None
+    s = normalize_answer(answer)
+    n = _as_number(s)
+    return s if n is None else str(n)
+
+
 def answers_match(predicted: Optional[str], gold: Any) -> bool:
     """Whether ``predicted`` (from :func:`extract_answer`) equals the ``gold`` answer after normalising."""
     if predicted is None:

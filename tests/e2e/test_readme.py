@@ -5,7 +5,8 @@ sees the repo's ``examples/`` (as a user in a clone would): ``make-tiny-model`` 
 written, ``train`` as ``validate`` with the same arguments (config, data, reward files all checked),
 and the example it names must be trained by an e2e test (which loads that very file as its base
 config and shortens it). Every other command must appear verbatim in the test file ``OTHER_TESTS``
-maps it to (cluster and benchmark commands are run there). A README command that matches nothing fails.
+maps it to (cluster and benchmark commands are run there; ``rlhf-ray eval`` and ``rlhf-ray report`` run as
+written in a clone-like directory, on the runs they name). A README command that matches nothing fails.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ OTHER_TESTS = {
     "kubectl": TESTS / "unit" / "test_cluster_configs.py",
     "python benchmarks/": TESTS / "e2e" / "test_benchmarks.py",
     "bash benchmarks/": TESTS / "e2e" / "test_benchmarks.py",
+    # Run as written in a clone-like directory, on the runs they name (shared fixtures / the report test).
+    "rlhf-ray eval": TESTS / "e2e" / "conftest.py",
+    "rlhf-ray report": TESTS / "e2e" / "test_report.py",
 }
 
 
@@ -83,7 +87,8 @@ def test_every_rlhf_ray_command_runs(scratch, monkeypatch, capsys):
     """Through ``rlhf_ray.cli.main``, the function the ``rlhf-ray`` console script calls, in the scratch clone."""
     from rlhf_ray.cli import main
 
-    commands = [c for c in readme_commands() if c.startswith("rlhf-ray")]
+    commands = [c for c in readme_commands() if c.startswith("rlhf-ray")
+                and not c.startswith(tuple(OTHER_TESTS))]  # eval and report: run in their tests
     assert commands, "no rlhf-ray commands found in the README"
     monkeypatch.chdir(scratch)
 

@@ -24,7 +24,7 @@ def test_resolving_writes_nothing_into_the_config(example):
     assert to_dict(cfg) == before
     # What the loaders left unset stays unset: the derived values live in Resolved only.
     assert cfg.learner.global_batch_size == before["learner"]["global_batch_size"]
-    assert resolved.policy.learner.global_batch_size == resolved.batch.per_update if resolved.job != "best_of_n" \
+    assert resolved.policy.learner.global_batch_size == resolved.batch.per_update if resolved.job not in ("best_of_n", "eval") \
         else resolved.role("rollout") is not None
     with pytest.raises(dataclasses.FrozenInstanceError):
         resolved.batch.per_step = 1  # type: ignore[misc]
