@@ -59,7 +59,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     roles = _roles(cfg, paths, batch, reference, on_cuda)
     max_restarts = cfg.train.max_restarts
     if max_restarts is None:
-        max_restarts = 3 if cfg.job in RL_JOBS and cfg.job != "best_of_n" else 0
+        max_restarts = 3 if cfg.job in ("ppo", "grpo", "online_dpo") else 0  # the long runs that use engines
     return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles, max_restarts)
 
 

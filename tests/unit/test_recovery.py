@@ -53,7 +53,8 @@ def test_the_budget_counts_both_kinds_and_the_fault_past_it_stops_with_its_cause
         (3, "replace_engines", [0], "engine gone"), (3, "restart", [], "engine gone")]
 
 
-@pytest.mark.parametrize("job, expected", [("grpo", 3), ("ppo", 3), ("online_dpo", 3), ("best_of_n", 0), ("sft", 0)])
+@pytest.mark.parametrize("job, expected", [("grpo", 3), ("ppo", 3), ("online_dpo", 3), ("best_of_n", 0), ("sft", 0),
+                                            ("dpo", 0)])
 def test_recovery_is_on_by_default_for_the_rl_jobs(job, expected, tiny_model_dir):
     example = EXAMPLES / f"{job}_tiny_cpu.yaml"
     values = {"model.path": tiny_model_dir}
