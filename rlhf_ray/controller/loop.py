@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf_ray.checkpoint import CheckpointDir, data_fingerprint, publish_final
-from rlhf_ray.config import ConfigError, to_dict
+from rlhf_ray.config import ConfigError, save_config, to_dict
 from rlhf_ray.config.schema import RL_JOBS
 from rlhf_ray.controller.recovery import Recoveries
 from rlhf_ray.data.batching import iter_epoch_batches
@@ -141,6 +141,8 @@ class TrainLoop:
         for sub, role in self.state_roles().items():
             role.save(str(staging / sub), {"step": step})
         self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
+        # The config it was trained under, as given and as resolved (what `rlhf-ray train` reloads, like the run's).
+        save_config(self.cfg, staging / "config.yaml", self.resolved)
         epoch, pos = self.order.position(step)
         return self.ckpt.finalize(step, {"step": step, "epoch": epoch, "batch_in_epoch": pos, "job": self.cfg.job,
                                          "model": self.resolved.paths.model,

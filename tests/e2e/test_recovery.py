@@ -102,6 +102,10 @@ def test_a_resumed_grpo_run_reproduces_the_uninterrupted_one(straight, tiny_mode
     """2 steps, then a resume to 4: the engines are reseeded per step, the learners restore their state, the KL
     controller its value."""
     _grpo(tiny_model_dir, tmp_path / "resumed", steps=2)
+    ckpt = tmp_path / "resumed" / "checkpoints" / "step_000002"
+    state, saved = json.loads((ckpt / "trainer_state.json").read_text()), load_config(ckpt / "config.yaml")
+    assert (state["step"], state["job"], state["model"]) == (2, "grpo", tiny_model_dir) and state["data"]
+    assert saved.algo.total_steps == 2 and "resolved:" in (ckpt / "config.yaml").read_text()
     resumed = _grpo(tiny_model_dir, tmp_path / "resumed", **{"train.resume": True})
     assert _compared(resumed) == straight
 
