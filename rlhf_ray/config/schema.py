@@ -41,7 +41,8 @@ class LoraConfig:
     load_in_4bit: bool = False
     """QLoRA: the frozen base in 4 bit (bitsandbytes NF4), LoRA adapters trained on top; needs ``enabled``,
     bitsandbytes installed and ZeRO stage 0-2. Exports and weight syncs are dense (base dequantized, adapters
-    merged)."""
+    merged), and the learner computes with exactly those weights in training and in eval (bitsandbytes' bf16
+    CPU inference kernel, which repacks the weights, is kept off)."""
 
     def __post_init__(self) -> None:
         _check(self.rank > 0, "rank", f"must be > 0, got {self.rank}")

@@ -145,6 +145,8 @@ def load_model(model_cfg: ModelConfig, head: "Head", dtype: torch.dtype, trainab
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     model = cls.from_pretrained(model_cfg.path, **kwargs)
+    if model_cfg.lora.enabled and model_cfg.lora.load_in_4bit:
+        _keep_4bit_forward_exact(model)
     if head != "causal_lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     if not trainable:
@@ -163,6 +165,28 @@ def load_model(model_cfg: ModelConfig, head: "Head", dtype: torch.dtype, trainab
             task_type=task, r=model_cfg.lora.rank, lora_alpha=model_cfg.lora.alpha,
             lora_dropout=model_cfg.lora.dropout, target_modules=list(model_cfg.lora.target_modules)))
     return model
+
+
+def _keep_4bit_forward_exact(model: torch.nn.Module) -> None:
+    """Make every bitsandbytes 4-bit layer compute with ``dequantize_4bit(weight)``, in training and in eval.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50 here) switches a ``Linear4bit`` to a fused bf16 kernel the
+    first time it runs in eval mode without gradients, which is how ``forward`` gets reference / old
+    log-probs and the log-probs a weight sync is checked against. It repacks the weight in place into that
+    kernel's layout, rounds the fp32 block scales (absmax) to bf16, and from then on every forward, in
+    training too, multiplies in bf16 through an op without a backward (PyTorch warns; the gradient through
+    the frozen base to the adapters of earlier layers is lost). The learner's log-probs move by 4e-3 on the
+    tiny test model, the producer's ``dequantize_4bit`` reads the repacked data as if it were not repacked
+    and exports scrambled weights (0.87 in log-probs after a sync), and the repacking cannot be undone
+    exactly (bitsandbytes' inverse is 1e-4 off: the fp32 scales are gone). With the kernel off, every
+    forward dequantizes and multiplies in the compute dtype: the dense weights the producer sends
+    (``weight_sync.producer``) are the weights the learner computes and trains with.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def save_hf_weights(state: dict[str, torch.Tensor], directory: str | Path, max_shard_bytes: int = 5 << 30) -> None:

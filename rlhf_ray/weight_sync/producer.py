@@ -46,6 +46,22 @@ def _quant_state(p: torch.nn.Parameter):
     return getattr(p, "quant_state", None)
 
 
+def _refuse_cpu_packed(entries: list[_Entry]) -> None:
+    """Refuse 4-bit weights that bitsandbytes repacked for its CPU bf16 inference kernel.
+
+    ``dequantize_4bit`` cannot read that layout (it returns scrambled weights, in bf16), and bitsandbytes'
+    own inverse does not restore the fp32 block scales. ``engines.learner.load_model`` keeps the kernel
+    off; this stops a model loaded some other way before anything is sent.
+    """
+    packed = [e.name for e in entries if getattr(_quant_state(e.param), "packing_format_for_cpu", False)]
+    if packed:
+        raise RuntimeError(
+            f"{packed[0]} (and {len(packed) - 1} more 4-bit weights) were repacked in place by bitsandbytes' CPU "
+            "bf16 inference kernel (a Linear4bit run in eval mode without gradients on an AVX512-BF16 CPU); they "
+            "cannot be exported exactly. Load the model with rlhf_ray.engines.learner.load_model, or set "
+            "support_avx512bf16_for_cpu = False on every bitsandbytes Linear4bit before its first forward")
+
+
 def _dense(p: torch.nn.Parameter) -> torch.Tensor:
     """The full-precision value of ``p``: its data, or a 4-bit weight dequantized (shape and dtype of the original)."""
     state = _quant_state(p)
@@ -89,7 +105,11 @@ def _peft_wrapper_types(module: torch.nn.Module) -> tuple:
 
 
 def sync_entries(module: torch.nn.Module) -> list[_Entry]:
-    """The tensors to export, in module order, with peft wrappers resolved to plain HF names."""
+    """The tensors to export, in module order, with peft wrappers resolved to plain HF names.
+
+    Both ``iter_named_params_for_sync`` and ``param_metadata`` start here, so a model that cannot be exported
+    exactly is refused before a plan is made or a bucket is sent.
+    """
     LoraLayer, ModulesToSaveWrapper = _peft_wrapper_types(module)
 
     model = _hf_model(module)
@@ -128,6 +148,7 @@ def sync_entries(module: torch.nn.Module) -> list[_Entry]:
             if id(p) not in seen:
                 seen.add(id(p))
                 entries.append(_Entry(prefix + pname, p))
+    _refuse_cpu_packed(entries)
     return entries
 
 

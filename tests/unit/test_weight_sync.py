@@ -92,3 +92,78 @@ def test_lora_is_merged_under_hf_names(tiny_model_dir):
     k_proj = model.base_model.model.model.layers[0].self_attn.k_proj.weight
     assert torch.equal(exported["model.layers.0.self_attn.k_proj.weight"], k_proj)
     assert len(sync_entries(model)) == len(expected_names)
+
+
+def _token_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    logits = model(ids).logits[:, :-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+
+
+def test_qlora_learner_scores_with_the_weights_it_exports(tiny_model_dir):
+    """A QLoRA learner computes the same log-probs and LoRA gradients before and after an eval forward
+    (reference / old log-probs, the check after a sync), and a plain HF model holding its dense export scores
+    like it. On an AVX512-BF16 CPU bitsandbytes would otherwise repack the 4-bit weights at the first eval
+    forward and run every later forward in bf16, without a backward: log-probs 4e-3 off, gradients lost,
+    export 0.87 off (see engines.learner._keep_4bit_forward_exact). Elsewhere that kernel is never chosen and
+    this passes as is."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_ray.config.schema import LoraConfig, ModelConfig
+    from rlhf_ray.engines.learner import load_model
+
+    model = load_model(ModelConfig(path=tiny_model_dir, lora=LoraConfig(enabled=True, load_in_4bit=True, rank=4)),
+                       "causal_lm", torch.float32, trainable=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)  # peft initialises B = 0; make the merged delta and A's gradients non-zero
+    ids = torch.randint(4, 100, (2, 12))
+    lora = [p for name, p in model.named_parameters() if "lora_" in name]
+
+    def train_forward():  # lora_dropout is 0: train / eval changes only which bitsandbytes path runs
+        model.train()
+        model.zero_grad(set_to_none=True)
+        lp = _token_logprobs(model, ids)
+        lp.sum().backward()
+        return lp.detach(), [p.grad.clone() for p in lora]
+
+    lp_before, grads_before = train_forward()
+    model.eval()
+    with torch.no_grad():
+        eval_lp = _token_logprobs(model, ids)
+    lp_after, grads_after = train_forward()
+    # Same dequantized weights and fp32 matmuls on every path: bit-identical (with the bf16 repacking these ids'
+    # eval log-probs were 1.6e-3 from the first training forward's).
+    torch.testing.assert_close(eval_lp, lp_before, rtol=0, atol=1e-6)
+    torch.testing.assert_close(lp_after, lp_before, rtol=0, atol=1e-6)
+    for got, want in zip(grads_after, grads_before):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+    exported = {n: t.clone() for n, t in iter_named_params_for_sync(model, zero3=False)}
+    assert all(t.dtype == torch.float32 for t in exported.values())
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    dense.load_state_dict(exported, strict=True)
+    with torch.no_grad():
+        dense_lp = _token_logprobs(dense, ids)
+    # Same weights, fp32 throughout: only summation order differs (5e-7 measured).
+    torch.testing.assert_close(dense_lp, eval_lp, rtol=0, atol=1e-5)
+
+
+def test_weights_repacked_for_the_cpu_bf16_kernel_are_refused():
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnb_functional
+
+    if not hasattr(bnb_functional, "_convert_weight_packed_for_cpu"):
+        pytest.skip("this bitsandbytes has no CPU repacking")
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4"))
+    model = model.to("cpu")  # quantizes the weight
+    weight = model[0].weight
+    # What Linear4bit.forward does in eval mode without gradients on an AVX512-BF16 CPU (called directly here so
+    # the test runs on any CPU): the data is reordered and the block scales become bf16, in place.
+    weight.data, weight.quant_state = bnb_functional._convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    with pytest.raises(RuntimeError, match="0.weight \\(and 0 more 4-bit weights\\) were repacked"):
+        next(iter_named_params_for_sync(model, zero3=False))
+    with pytest.raises(RuntimeError, match="cannot be exported exactly"):
+        sync_entries(model)
