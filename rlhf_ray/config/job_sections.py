@@ -45,6 +45,11 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256
     seed: Optional[int] = None
     """Base seed of the engines' sampling (engine i: seed + i); default ``train.seed``."""
+    mode: Literal["sync", "one_step_off"] = "sync"
+    """sync: each step samples with the current policy, then trains. one_step_off: the engines sample the next
+    step's batch while the learners train on this one (generation overlaps training; every sample is one policy
+    version old, corrected by ``algo.importance_cap``). Needs the engines on their own devices (not
+    ``placement.mode: hybrid``)."""
 
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")

@@ -44,6 +44,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     on_cuda = cfg.learner.gpus_per_worker > 0 and (accelerator or "cuda") == "cuda"
     accel: Accelerator = "cuda" if on_cuda else "cpu"
     _check_qlora(cfg)
+    _check_rollout_mode(cfg)
     paths = _paths(cfg)
     if cfg.job in RL_JOBS:
         batch, rl = _rollout_job_shape(cfg)
@@ -271,6 +272,19 @@ def _check_placement(cfg: "Config") -> None:
                               "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
     if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
         raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")
+
+
+def _check_rollout_mode(cfg: "Config") -> None:
+    """Overlapping generation with training needs a training rollout job and engines on their own devices."""
+    r = cfg.rollout
+    if r.mode != "sync":
+        if cfg.job not in ("ppo", "grpo", "online_dpo"):
+            raise ConfigError(f"rollout.mode: {r.mode} overlaps generation with training; job {cfg.job} does not "
+                              "train on rollouts (use sync)")
+        if cfg.placement.mode == "hybrid":
+            raise ConfigError(f"rollout.mode: {r.mode} generates while the learners train, which needs the engines "
+                              "on their own devices; hybrid placement time-shares one GPU (use placement.mode "
+                              "separate or shared, or rollout.mode sync)")
 
 
 def _sync_backend(cfg: "Config", accelerator: Accelerator) -> Literal["gloo", "nccl", "ipc"]:

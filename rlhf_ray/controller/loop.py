@@ -134,6 +134,12 @@ class TrainLoop:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def save_files(self, directory: Path, step: int) -> None:
+        """Loop state too large for trainer_state.json (e.g. samples in flight), written into checkpoint ``step``."""
+
+    def load_files(self, directory: Path, step: int) -> None:
+        """Read back what ``save_files`` wrote into the checkpoint of ``step``."""
+
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
         """Checkpoint ``step``: every trained group's state, the policy as an HF model, trainer_state.json."""
@@ -141,6 +147,7 @@ class TrainLoop:
         for sub, role in self.state_roles().items():
             role.save(str(staging / sub), {"step": step})
         self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
+        self.save_files(staging, step)
         # The config it was trained under, as given and as resolved (what `rlhf-ray train` reloads, like the run's).
         save_config(self.cfg, staging / "config.yaml", self.resolved)
         epoch, pos = self.order.position(step)
@@ -159,6 +166,7 @@ class TrainLoop:
             role.load(str(latest / sub))
         state = CheckpointDir.read_state(latest)
         self.load_extra_state(state)
+        self.load_files(latest, int(state["step"]))
         log.info("resumed from %s at step %d", latest, state["step"])
         self.recoveries.resumed(int(state["step"]), latest)
         return int(state["step"])

@@ -84,7 +84,7 @@ class OnlineDPOLoop(RolloutLoop):
 
         # 5. sync
         with timer("weight_sync"):
-            sync = self.sync_weights()
+            sync = self.publish_weights()
         return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
 
     def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer) -> dict[str, float]:

@@ -1,12 +1,15 @@
 """The RL step (PPO, GRPO and the REINFORCE family), read top to bottom in ``RLLoop.step``:
 
-    1. generate    the vLLM engines sample ``rollout.n_samples`` responses per prompt (token ids + log-probs)
+    1. generate    the vLLM engines sample ``rollout.n_samples`` responses per prompt (token ids + log-probs);
+                   with ``rollout.mode: one_step_off`` they sampled them during the previous step, and now start
+                   on the next batch while this one trains
     2. score       reward functions here, while the reward model, reference, policy (old log-probs,
                    unless ``algo.old_logprobs: update`` takes them from step 4's own forward pass) and
                    critic run their forward passes on their own groups
     3. advantages  KL penalty (in the reward, or later in the loss), then the configured estimator
     4. update      policy (and critic) optimizer steps over mini-batches and epochs
-    5. sync        the policy's new weights into every vLLM engine
+    5. sync        the policy's new weights into every vLLM engine (one step off: when they are idle, at the
+                   start of the next step)
 
 What the step asks of a learner is a typed spec from ``rlhf_ray.objectives`` (``PolicyLoss``, ``ValueLoss``,
 ``TokenLogprobs``...), built once from the resolved config (``rlhf_ray.config.resolve``). Everything
@@ -95,7 +98,7 @@ class RLLoop(RolloutLoop):
 
         # 5. sync the new policy into the engines
         with timer("weight_sync"):
-            sync = self.sync_weights()
+            sync = self.publish_weights()
 
         if kl is not None:
             self.kl.update(float(masked_mean(kl, mask)), batch.size)

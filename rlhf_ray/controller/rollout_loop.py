@@ -1,14 +1,29 @@
 """What the rollout loops (``RLLoop``, ``OnlineDPOLoop``) share: prompts, generation, scoring, weight sync,
-hybrid memory moves, evaluation and the efficiency report of a step."""
+hybrid memory moves, evaluation and the efficiency report of a step.
+
+Where a step's samples come from (``rollout.mode``):
+
+    sync           step k generates its batch with the weights of every update so far (v_k), trains, syncs
+    one_step_off   step k trains on the batch the engines generated during step k-1 (with v_{k-1}): it takes
+                   that batch, syncs v_k into the now idle engines, starts them on batch k+1 and trains on batch
+                   k meanwhile, so generation overlaps scoring, reference / critic forwards and the update. Each
+                   sample is one policy version old (``rollout/staleness``); the importance correction against
+                   the engine's own log-probs (``algo.importance_cap``) accounts for it.
+
+Checkpoints of a one_step_off run hold the batch in flight (``rollouts_ahead.pt``): a resumed run trains on the
+very samples the uninterrupted run trained on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import numpy as np
+import torch
 
 from rlhf_ray.controller.loop import Schedule, TrainLoop
 from rlhf_ray.controller.recovery import classify
@@ -28,6 +43,30 @@ if TYPE_CHECKING:
     from rlhf_ray.data.prompts import PromptSet
 
 T = TypeVar("T")
+AHEAD_FILE = "rollouts_ahead.pt"
+
+
+@dataclass
+class Ahead:
+    """Samples for a later step, generated while the current one trains (``rollout.mode: one_step_off``)."""
+
+    step: int
+    """The step that trains on them."""
+    pending: Any
+    """A ``PendingGeneration`` (``result()`` -> batch, generations), or those already at hand (``Done``)."""
+    version: int
+    """The policy version (updates applied) of the weights that sampled them."""
+
+
+@dataclass
+class Done:
+    """A finished generation, as ``PendingGeneration`` is once it has its result."""
+
+    batch: Any
+    gens: Any
+
+    def result(self) -> tuple[Any, Any]:
+        return self.batch, self.gens
 
 
 class RolloutLoop(TrainLoop):
@@ -50,6 +89,13 @@ class RolloutLoop(TrainLoop):
         assert resolved.sync is not None
         self.channel = SyncChannel(self.policy, roles.rollout, resolved.sync, self.cfg.train.timeout_s)
         self.channel.open()
+        self.one_step_off = self.cfg.rollout.mode == "one_step_off"
+        self.version = 0
+        """Updates applied to the policy (the step in progress; set by ``before_run`` on resume)."""
+        self.engine_version = 0
+        """Updates applied to the weights the engines hold (they start with ``model.path``: version 0)."""
+        self.ahead: Optional[Ahead] = None
+        self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -58,6 +104,7 @@ class RolloutLoop(TrainLoop):
         return roles
 
     def before_run(self, start: int) -> dict[str, float]:
+        self.version = self.engine_version = start
         if start or self.cfg.model.lora.load_in_4bit:
             # The engines loaded model.path. A resumed policy is another model, and so is a QLoRA one (its base
             # is the 4-bit rounding of those weights): give the engines its weights before the first rollout.
@@ -67,6 +114,28 @@ class RolloutLoop(TrainLoop):
                 role.offload()
             self.roles.rollout.wake_up()
         return {}
+
+    def save_files(self, directory: Path, step: int) -> None:
+        """One step off: the batch the engines are generating for ``step`` (finished first), so that a resumed
+        run trains on the samples this one would have."""
+        if self.ahead is None or self.ahead.step != step:
+            return
+        batch, gens = self.on_engines(self.ahead.pending.result)
+        self.ahead = dataclasses.replace(self.ahead, pending=Done(batch, gens))
+        torch.save({"step": step, "version": self.ahead.version, "generations": gens.to_state()},
+                   directory / AHEAD_FILE)
+
+    def load_files(self, directory: Path, step: int) -> None:
+        path = directory / AHEAD_FILE
+        if not path.exists() or not self.one_step_off:
+            return  # a sync run resumed from a one_step_off checkpoint samples that step anew
+        from rlhf_ray.controller.roles import batch_of
+        from rlhf_ray.engines.rollout_engine import Generations
+
+        saved = torch.load(path, weights_only=True)
+        gens = Generations.from_state(saved["generations"])
+        batch = batch_of([p.prompt_ids for p in self.prompt_batch(step)], gens, self.tokenizer.pad_token_id)
+        self.ahead = Ahead(step, Done(batch, gens), int(saved["version"]))
 
     # ---- pieces of a step ---------------------------------------------------------------------------
     def prompt_batch(self, step: int) -> list:
@@ -78,23 +147,77 @@ class RolloutLoop(TrainLoop):
         return int(np.random.SeedSequence([self.resolved.role("rollout").seed, step]).generate_state(1)[0])
 
     def generate(self, prompts: list, timer: PhaseTimer, step: int) -> tuple[Any, Any, list]:
-        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
-        the raw generations, and each sequence's prompt example. The engines are reseeded for ``step`` first,
-        so a run resumed at any step, or an engine replaced mid-step, draws the samples an uninterrupted run
-        drew."""
+        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields,
+        ``batch.staleness``), the raw generations, and each sequence's prompt example: sampled now, or (one
+        step off) taken from the engines' work during the previous step, which then start on the next batch.
+
+        The engines are reseeded for the step they sample for, so a run resumed at any step, or an engine
+        replaced mid-step, draws the samples an uninterrupted run drew."""
         def sample() -> tuple[Any, Any]:
             self.roles.rollout.reseed(self.sampling_seed(step))
             return self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
                                                self.tokenizer.pad_token_id)
 
-        with timer("generate"):
-            batch, gens = self.on_engines(sample)
+        ahead, self.ahead = self.ahead, None
+        with timer("generate"):  # one step off: the wait for what the engines generated meanwhile
+            if ahead is not None and ahead.step == step:
+                taken = []
+
+                def take() -> tuple[Any, Any]:
+                    if taken:  # an engine died on it and was replaced: sample anew under the current weights
+                        return sample()
+                    taken.append(True)
+                    return ahead.pending.result()
+
+                batch, gens = self.on_engines(take)
+                version = ahead.version if len(taken) == 1 else self.engine_version
+            else:
+                batch, gens = self.on_engines(sample)
+                version = self.engine_version
+        batch.staleness = step - version
+        if self.one_step_off and step + 1 < self.schedule.total_steps:
+            self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
                 self.roles.rollout.sleep()
                 for role in self.roles.learners():
                     role.reload()
         return batch, gens, attach_prompts(batch, prompts)
+
+    def start_ahead(self, step: int, timer: PhaseTimer) -> None:
+        """Bring the idle engines up to the policy's version, then start them on ``step``'s batch (one step off)."""
+        with timer("weight_sync"):
+            self.engines_current()
+        prompts = self.prompt_batch(step)
+
+        def launch() -> Any:
+            self.roles.rollout.reseed(self.sampling_seed(step))
+            return self.roles.rollout.generate_async([p.prompt_ids for p in prompts], self.spec,
+                                                     self.tokenizer.pad_token_id)
+
+        self.ahead = Ahead(step, self.on_engines(launch), self.engine_version)
+
+    def engines_current(self) -> None:
+        """Sync the policy into the engines if an update is not in them yet (one step off defers each step's
+        sync to here: the engines were busy with the next batch when the update finished). A batch they are
+        generating is finished first and kept for its step."""
+        if self.ahead is not None:
+            batch, gens = self.on_engines(self.ahead.pending.result)
+            self.ahead = dataclasses.replace(self.ahead, pending=Done(batch, gens))
+        if self.engine_version < self.version:
+            self.last_sync = self.sync_weights()
+            self.engine_version = self.version
+
+    def publish_weights(self) -> dict[str, float]:
+        """Step 5, after the update: sync the new policy into the engines now, or (one step off) at the start of
+        the next step, when they are idle. Returns the seconds and bytes of the sync done in this step."""
+        self.version += 1
+        if self.one_step_off:
+            synced, self.last_sync = self.last_sync, {"seconds": 0.0, "bytes": 0.0}
+            return synced
+        result = self.sync_weights()
+        self.engine_version = self.version
+        return result
 
     def score(self, batch, rows: list, timer: PhaseTimer) -> dict[str, float]:
         """Fill ``batch.rewards`` (reward functions here, the reward model on its group); returns reward metrics."""
@@ -116,6 +239,7 @@ class RolloutLoop(TrainLoop):
                 self.roles.replace_engines(fault.engines)
                 self.channel.open()
                 synced = self.channel.push()
+                self.engine_version = self.version
                 if not redo:
                     return synced  # type: ignore[return-value]
 
@@ -134,10 +258,14 @@ class RolloutLoop(TrainLoop):
                        t_step: float) -> dict[str, float]:
         """Add rollout statistics, phase timings, throughput and the efficiency report of the step from ``t_step``."""
         metrics.update(rollout_metrics(batch, gens, sync))
+        metrics["rollout/staleness"] = float(batch.staleness)
+        # The engines' own seconds on this batch (one step off: spent while the previous step trained). Not a
+        # timing/ phase: the step's phases add up to its wall time, and this one overlaps them.
+        metrics["rollout/generate_engine_s"] = gens.seconds
         metrics.update(timer.pop())
         metrics["timing/step_s"] = time.perf_counter() - t_step
         metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
-        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
+        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(gens.seconds, 1e-9)
         sh = self.shapes
         trainable = self.policy.trainable_params if self.cfg.model.lora.enabled else None
         counts = rl_step_counts(batch, self.resolved, metrics.get("weight_sync/bytes", 0.0), sh["policy"],
@@ -153,6 +281,7 @@ class RolloutLoop(TrainLoop):
     def evaluate(self) -> dict[str, float]:
         """Mean reward of one greedy response per held-out prompt (``data.eval_fraction`` / ``eval_path``)."""
         prompts = list(self.eval_prompts)
+        self.engines_current()
         spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
         batch, _ = self.on_engines(lambda: self.roles.rollout.generate([p.prompt_ids for p in prompts], spec,
                                                                        self.tokenizer.pad_token_id))

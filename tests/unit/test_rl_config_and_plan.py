@@ -81,6 +81,11 @@ def test_shared_with_mismatched_sizes_is_refused():
      "learner.zero_stage: hybrid placement offloads the learners' optimizer state"),
     ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "learner.zero_stage": 3,
       "learner.offload": True}, "learner.offload: with ZeRO-3 it keeps parameters in host memory"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "rollout.mode": "one_step_off"},
+     "rollout.mode: one_step_off generates while the learners train, which needs the engines on their own"),
+    ({"job": "best_of_n", "rollout.mode": "one_step_off"}, "rollout.mode: one_step_off overlaps generation with "
+                                                            "training; job best_of_n does not train on rollouts"),
+    ({"job": "grpo", "rollout.mode": "async"}, "rollout.mode"),
 ])
 def test_rl_config_errors_name_the_key(over, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
