@@ -19,6 +19,8 @@ LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "se
 """``algo.loss_agg``; see ``rlhf_ray.algos.aggregation.agg_loss``."""
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")
 """``algo.kl_estimator``; the functions are ``rlhf_ray.algos.kl.KL_ESTIMATORS``."""
+OFF_POLICY_CORRECTIONS = ("none", "token_tis", "seq_tis", "seq_mask", "icepop")
+"""``algo.off_policy_correction``; the functions are ``rlhf_ray.algos.off_policy.CORRECTIONS``."""
 
 PREFERENCE_LOSS_NAMES = ("sigmoid", "ipo", "simpo")
 """``dpo.loss``; the losses are ``rlhf_ray.algos.preference.PREFERENCE_LOSSES``."""

@@ -1,7 +1,8 @@
-"""Per-token policy and value losses, and the truncated importance weight for rollout/learner mismatch.
+"""Per-token policy and value losses.
 
 Each returns an unreduced (B, T) loss plus a (B, T) float 0/1 "clipped" indicator; reduce with
-``aggregation.agg_loss`` under the action mask. Inputs: logp, old_logp, advantages (B, T).
+``aggregation.agg_loss`` under the action mask. Inputs: logp, old_logp, advantages (B, T). The importance
+weights against the rollout engine's log-probs are ``rlhf_ray.algos.off_policy``'s.
 """
 
 from __future__ import annotations
@@ -84,13 +85,3 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
     clipped = clipped_sq > unclipped
     return 0.5 * torch.where(clipped, clipped_sq, unclipped), clipped.float()
 
-
-def truncated_importance_weights(old_logp: Tensor, rollout_logp: Tensor, cap: Optional[float]) -> Tensor:
-    """TIS (Yao et al. 2025): w = min(exp(old_logp - rollout_logp), cap), detached. (B, T) -> (B, T).
-
-    Corrects for the sampler (vLLM) and learner computing different probabilities for the same tokens.
-    ``cap=None`` -> all ones. The log-ratio is clamped to [-20, 20] before exp.
-    """
-    if cap is None:
-        return torch.ones_like(old_logp, dtype=torch.float32)
-    return _ratio(old_logp, rollout_logp).clamp(max=cap).detach()

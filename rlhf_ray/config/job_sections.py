@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, POLICY_LOSS_NAMES,
-                                  PREFERENCE_LOSS_NAMES)
+from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, OFF_POLICY_CORRECTIONS,
+                                  POLICY_LOSS_NAMES, PREFERENCE_LOSS_NAMES)
 from rlhf_ray.config.errors import check as _check
 
 
@@ -91,8 +91,23 @@ class AlgoConfig:
     KL is taken at pi_old before the update). rollout: the log-probs vLLM returned while sampling (also one
     pass less; the ratio is then taken against the engine's numbers). auto: update where it is exact, else
     learner (resolved at load)."""
+    off_policy_correction: Literal[OFF_POLICY_CORRECTIONS] = "token_tis"
+    """How the loss corrects for the rollout engine's sampling distribution mu differing from the learner's pi_old
+    (vLLM-vs-learner numerics, and staleness when the engines run behind the policy), from the ratio
+    rho = pi_old / mu of the engine's and the learner's log-probs (``rlhf_ray.algos.off_policy``). Each weight
+    multiplies a token's policy loss. none: w = 1. token_tis: w_t = min(rho_t, importance_cap). seq_tis:
+    w = min(rho_b, importance_cap) for every token of sequence b, rho_b the product of its token ratios.
+    seq_mask: w = rho_b inside [importance_mask_low, importance_mask_high], else 0 (the sequence dropped).
+    icepop: w_t = rho_t inside the band, else 0 (the token dropped). With ``old_logprobs: rollout`` pi_old is
+    mu itself, so there is nothing to correct: the default token_tis is then off, and the others are refused."""
     importance_cap: Optional[float] = 2.0
-    """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
+    """Cap of the truncating corrections (token_tis, seq_tis): w = min(rho, importance_cap); must be >= 1. This
+    key was the on/off switch of today's token_tis before ``off_policy_correction`` existed: ``null`` is refused
+    with those two (set ``off_policy_correction: none`` to turn the correction off); unused by the masks."""
+    importance_mask_low: float = 0.5
+    """seq_mask, icepop: a ratio rho below this is masked (in [0, 1); IcePop used 0.5)."""
+    importance_mask_high: float = 2.0
+    """seq_mask, icepop: a ratio rho above this is masked (> 1; IcePop used 5)."""
     prompts_per_step: int = 8
     """Prompts per rollout step (x rollout.n_samples responses)."""
     mini_batches: int = 1
@@ -118,6 +133,18 @@ class AlgoConfig:
         _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         _check(self.mini_batches >= 1 and self.ppo_epochs >= 1, "mini_batches", "mini_batches and ppo_epochs must be >= 1")
         _check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        truncating = self.off_policy_correction in ("token_tis", "seq_tis")
+        _check(self.importance_cap is not None or not truncating, "importance_cap",
+               "null no longer turns the importance correction off; "
+               f"off_policy_correction={self.off_policy_correction} truncates at this cap, so give a cap >= 1 "
+               "(2.0 by default), or set off_policy_correction: none")
+        _check(self.importance_cap is None or self.importance_cap >= 1, "importance_cap",
+               f"must be >= 1 (a cap below 1 would shrink even the tokens the engine and the learner agree on, "
+               f"ratio 1), got {self.importance_cap}")
+        _check(0 <= self.importance_mask_low < 1, "importance_mask_low", "must be in [0, 1): the band must keep "
+               f"ratio 1 (engine and learner agreeing), got {self.importance_mask_low}")
+        _check(self.importance_mask_high > 1, "importance_mask_high", "must be > 1: the band must keep ratio 1 "
+               f"(engine and learner agreeing), got {self.importance_mask_high}")
 
 
 @dataclass

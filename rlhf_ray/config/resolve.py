@@ -139,7 +139,8 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
                               f"{lc.micro_batch_size}")
     reference = a.uses_reference
     rl = RLSettings(advantage=advantage, old_logprobs=old_logprobs, kl_in_loss=reference and a.kl_in == "loss",
-                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae")
+                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae",
+                    off_policy_correction=_off_policy_correction(cfg, old_logprobs))
     return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
 
 
@@ -170,6 +171,20 @@ def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:
                           f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
                           f"kl_coef {a.kl_coef}; use learner")
     return a.old_logprobs  # type: ignore[return-value]
+
+
+def _off_policy_correction(cfg: "Config", old_logprobs: str) -> Optional[str]:
+    """``algo.off_policy_correction`` where it has something to correct: None when pi_old is the rollout engine's
+    own log-probs (the ratio pi_old / mu is then 1). The default token_tis turns off there by itself; a
+    correction chosen on purpose is refused, since it would do nothing."""
+    name = cfg.algo.off_policy_correction
+    if old_logprobs != "rollout":
+        return name
+    if name not in ("none", "token_tis"):
+        raise ConfigError(f"algo.off_policy_correction: {name} weighs the learner's pi_old against the rollout "
+                          "engine's log-probs, and algo.old_logprobs: rollout makes them the same numbers, so it "
+                          "would do nothing; use old_logprobs learner (or auto), or off_policy_correction: none")
+    return None
 
 
 def _reference(cfg: "Config") -> Optional[Literal["precompute", "group"]]:

@@ -1,4 +1,4 @@
-"""PPO clip / dual clip / vanilla PG losses and gradients, the clipped value loss, truncated IS weights."""
+"""PPO clip / dual clip / vanilla PG losses and gradients, the clipped value loss."""
 
 import math
 from typing import get_args, get_type_hints
@@ -7,8 +7,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_ray.algos.policy_loss import (POLICY_LOSSES, get_policy_loss, ppo_clip, truncated_importance_weights,
-                                        value_loss, vanilla_pg)
+from rlhf_ray.algos.policy_loss import POLICY_LOSSES, get_policy_loss, ppo_clip, value_loss, vanilla_pg
 from rlhf_ray.config.schema import AlgoConfig
 
 
@@ -107,11 +106,3 @@ def test_value_loss_clip():
     close(loss, [[0.005, 0.5, 0.08, 0.005, 0.5]])   # 0.5 * (V-R)^2
     close(clipped, torch.zeros(1, 5))
 
-
-def test_truncated_importance_weights():
-    old = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
-    rollout = torch.tensor([[0.0, -2.0, -1.0]])
-    w = truncated_importance_weights(old, rollout, cap=2.0)
-    close(w, [[1.0, 2.0, math.exp(-1.0)]])   # exp(0)=1, exp(1)=2.718 -> capped at 2, exp(-1)=0.3679
-    assert not w.requires_grad
-    close(truncated_importance_weights(old, rollout, cap=None), torch.ones(1, 3))
