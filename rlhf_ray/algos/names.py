@@ -15,6 +15,8 @@ GROUP_BASED = frozenset({"grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"})
 
 POLICY_LOSS_NAMES = ("ppo_clip", "vanilla_pg")
 """``algo.policy_loss``; the functions are ``rlhf_ray.algos.policy_loss.POLICY_LOSSES``."""
+RATIO_LEVELS = ("token", "sequence")
+"""``algo.ratio_level``; the functions are ``rlhf_ray.algos.policy_loss.RATIO_LEVELS``."""
 LOSS_AGG_MODES = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "seq_mean_token_sum_norm")
 """``algo.loss_agg``; see ``rlhf_ray.algos.aggregation.agg_loss``."""
 KL_ESTIMATOR_NAMES = ("k1", "k2", "k3")

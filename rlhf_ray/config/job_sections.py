@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, OFF_POLICY_CORRECTIONS,
-                                  POLICY_LOSS_NAMES, PREFERENCE_LOSS_NAMES)
+                                  POLICY_LOSS_NAMES, PREFERENCE_LOSS_NAMES, RATIO_LEVELS)
 from rlhf_ray.config.errors import check as _check
 
 
@@ -70,6 +70,16 @@ class AlgoConfig:
     """Upper clip (set above clip_ratio_low for DAPO-style asymmetric clipping)."""
     dual_clip: Optional[float] = None
     """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None disables it."""
+    ratio_level: Literal[RATIO_LEVELS] = "token"
+    """The policy ratio pi / pi_old of the clipped loss. token: PPO's, per token. sequence: GSPO's (Zheng et al.
+    2025), s_b = exp(mean_t (logp - old_logp)) for the whole response b, clipped to [1 - sequence_clip_ratio_low,
+    1 + sequence_clip_ratio_high] (clip_ratio_low / _high are then unused), in the paper's token form (each token's
+    gradient scaled by s_b). The paper's objective averages per sequence: pair it with loss_agg:
+    seq_mean_token_mean."""
+    sequence_clip_ratio_low: float = 3e-4
+    """Lower clip of GSPO's sequence ratio (ratio_level: sequence); the paper used 3e-4."""
+    sequence_clip_ratio_high: float = 4e-4
+    """Upper clip of GSPO's sequence ratio (ratio_level: sequence); the paper used 4e-4."""
     loss_agg: Literal[LOSS_AGG_MODES] = "token_mean"
     kl_coef: float = 0.0
     """KL penalty against the reference model; 0 skips the reference forward entirely."""
@@ -125,6 +135,10 @@ class AlgoConfig:
         _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
         _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
+        _check(0 < self.sequence_clip_ratio_low < 1, "sequence_clip_ratio_low",
+               f"must be in (0, 1), got {self.sequence_clip_ratio_low}")
+        _check(self.sequence_clip_ratio_high > 0, "sequence_clip_ratio_high",
+               f"must be > 0, got {self.sequence_clip_ratio_high}")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.adaptive_kl_target is None or self.kl_coef > 0, "kl_coef",
                "adaptive_kl_target scales kl_coef from its start, so it must start > 0 (from 0 it stays 0)")

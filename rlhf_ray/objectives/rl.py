@@ -18,7 +18,7 @@ from rlhf_ray.algos.aggregation import agg_loss
 from rlhf_ray.algos.kl import kl_penalty
 from rlhf_ray.algos.logprobs import entropy_from_logits, gather_token_logprobs
 from rlhf_ray.algos.off_policy import ImportanceWeights, OffPolicyParams, get_off_policy_correction
-from rlhf_ray.algos.policy_loss import get_policy_loss, value_loss
+from rlhf_ray.algos.policy_loss import get_policy_loss, get_ratio_level, value_loss
 from rlhf_ray.objectives.common import SEQUENCE_FIELDS, BatchTotals, causal_lm_logits
 
 if TYPE_CHECKING:
@@ -29,12 +29,14 @@ if TYPE_CHECKING:
 class PolicyLoss:
     """Policy-gradient loss of one micro-batch.
 
-    per-token loss = w_t * L_pg(logp_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
-    aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. w_t, detached, corrects for the engine's
-    sampling distribution differing from the learner's: ``off_policy_correction`` names the function of
-    ``rlhf_ray.algos.off_policy`` that derives it from exp(old_t - rollout_t) (None: pi_old is the engine's own,
-    w = 1, no rollout log-probs needed); the KL term is present only when the reference KL goes into the loss
-    (``kl_in_loss``).
+    per-token loss = w_t * L_pg(logp'_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
+    aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. logp' = logp at ``ratio_level`` token (PPO's
+    ratio per token); at sequence, GSPO's rewrite (``algos.policy_loss.sequence_ratio``) whose ratio to old_t is
+    the sequence's geometric-mean ratio, clipped by ``clip_low`` / ``clip_high`` (the config's sequence clip
+    range then). w_t, detached, corrects for the engine's sampling distribution differing from the learner's:
+    ``off_policy_correction`` names the function of ``rlhf_ray.algos.off_policy`` that derives it from
+    exp(old_t - rollout_t) (None: pi_old is the engine's own, w = 1, no rollout log-probs needed); the KL term is
+    present only when the reference KL goes into the loss (``kl_in_loss``).
 
     ``old_from_update`` (``algo.old_logprobs: update``): old_t = logp_t detached, this forward pass being the
     first of the step's only optimizer step (ratio 1, gradient A_t * grad logp_t); the micro-batch then
@@ -59,6 +61,8 @@ class PolicyLoss:
     old_from_update: bool
     off_policy: OffPolicyParams = OffPolicyParams()
     """The correction's cap and band."""
+    ratio_level: str = "token"
+    """``algo.ratio_level``: token (PPO) or sequence (GSPO)."""
     kl_coef: float = 0.0
     """This step's coefficient (the adaptive controller moves it): ``with_kl_coef`` per step."""
 
@@ -70,11 +74,12 @@ class PolicyLoss:
         # importance_cap may be null where no truncating correction reads it.
         params = OffPolicyParams(cap=a.importance_cap if a.importance_cap is not None else OffPolicyParams.cap,
                                  low=a.importance_mask_low, high=a.importance_mask_high)
-        return cls(policy_loss=a.policy_loss, clip_low=a.clip_ratio_low, clip_high=a.clip_ratio_high,
-                   dual_clip=a.dual_clip, loss_agg=a.loss_agg, temperature=resolved.config.rollout.temperature,
-                   entropy_coef=a.entropy_coef, kl_estimator=a.kl_estimator, kl_in_loss=rl.kl_in_loss,
+        sequence = a.ratio_level == "sequence"  # GSPO clips its sequence ratio with a range of its own
+        return cls(policy_loss=a.policy_loss, clip_low=a.sequence_clip_ratio_low if sequence else a.clip_ratio_low,
+                   clip_high=a.sequence_clip_ratio_high if sequence else a.clip_ratio_high, dual_clip=a.dual_clip,
+                   loss_agg=a.loss_agg, temperature=resolved.config.rollout.temperature, entropy_coef=a.entropy_coef, kl_estimator=a.kl_estimator, kl_in_loss=rl.kl_in_loss,
                    off_policy_correction=rl.off_policy_correction, old_from_update=rl.old_logprobs == "update",
-                   off_policy=params)
+                   off_policy=params, ratio_level=a.ratio_level)
 
     def with_kl_coef(self, kl_coef: float) -> "PolicyLoss":
         """This spec with the step's KL coefficient (0 when the KL is not in the loss)."""
@@ -99,7 +104,8 @@ class PolicyLoss:
         logp = gather_token_logprobs(logits, mb["input_ids"][:, 1:])
         mask = mb["action_mask"].float()
         old = logp.detach() if self.old_from_update else mb["old_logprobs"]
-        pg_mat, clipped = get_policy_loss(self.policy_loss)(logp, old, mb["advantages"], self.clip_low,
+        ratio_logp = get_ratio_level(self.ratio_level)(logp, old, mask)
+        pg_mat, clipped = get_policy_loss(self.policy_loss)(ratio_logp, old, mb["advantages"], self.clip_low,
                                                             self.clip_high, self.dual_clip)
         metrics: dict[str, float] = {}
         if self.off_policy_correction is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -211,6 +213,51 @@ def test_policy_objective_without_a_correction_needs_no_rollout_logprobs(model):
     loss, metrics = objective(model, mb, BatchTotals(tokens=3, sequences=1, horizon=3))
     assert float(loss.detach()) == pytest.approx(-2.0, abs=1e-5)   # -sum(A) / 3 = -6 / 3
     assert not any(k.startswith("importance_") for k in metrics)
+
+
+def test_policy_objective_sequence_ratio_is_gspo(model):
+    """algo.ratio_level: sequence. Loss and parameter gradients equal GSPO's sequence objective computed directly,
+    -1/G sum_b min(s_b A_b, clip(s_b, 1 - e_low, 1 + e_high) A_b), s_b = exp(mean_t (logp - old)) with autograd
+    through s_b, on the same model; the per-token ratio gives another gradient."""
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        logp0 = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    delta = torch.zeros(2, 6)   # logp - old on the action tokens
+    delta[0, 2:5] = torch.tensor([0.1, 0.3, 0.2])     # mean 0.2  -> s_0 = e^0.2 = 1.2214, above 1 + 0.2: clipped
+    delta[1, 3:6] = torch.tensor([-0.2, 0.0, -0.1])   # mean -0.1 -> s_1 = e^-0.1 = 0.9048, inside
+    old = logp0 - delta
+    adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -1.0, -1.0, -1.0]])
+    mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
+          "advantages": adv}
+    totals = BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0)
+
+    def run(ratio_level):
+        model.zero_grad()
+        loss, metrics = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None,
+                                   loss_agg="seq_mean_token_mean", temperature=1.0, entropy_coef=0.0,
+                                   kl_estimator="k3", kl_in_loss=False, off_policy_correction=None,
+                                   old_from_update=False, ratio_level=ratio_level)(model, mb, totals)
+        loss.backward()
+        return float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]
+
+    loss, metrics, grads = run("sequence")
+    # -(1/2) [min(1.2214 * 1, 1.2 * 1) + min(0.9048 * -1, 0.9048 * -1)] = -(1.2 - 0.9048374) / 2 = -0.1475813
+    assert loss == pytest.approx(-(1.2 - math.exp(-0.1)) / 2, abs=1e-5)
+    assert metrics["clipped_sum"] == 3   # row 0's three tokens: the sequence is clipped as a whole
+
+    model.zero_grad()
+    logp = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), ids[:, 1:])
+    s = torch.exp(((logp - old) * action).sum(-1) / action.sum(-1))
+    a = torch.tensor([1.0, -1.0])
+    direct = -torch.minimum(s * a, s.clamp(0.8, 1.2) * a).mean()
+    direct.backward()
+    assert float(direct.detach()) == pytest.approx(loss, abs=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+    _, _, token_grads = run("token")   # row 0's first token (e^0.1 < 1.2) is not clipped per token: another step
+    assert not all(torch.allclose(g, t, atol=1e-6) for g, t in zip(grads, token_grads))
+    model.zero_grad()
 
 
 def test_token_logprobs_forward_applies_temperature(model):

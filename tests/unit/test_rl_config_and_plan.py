@@ -91,6 +91,9 @@ def test_shared_with_mismatched_sizes_is_refused():
     ({"job": "grpo", "algo.importance_mask_low": 1.0}, "algo.importance_mask_low: must be in [0, 1)"),
     ({"job": "grpo", "algo.importance_mask_high": 0.9}, "algo.importance_mask_high: must be > 1"),
     ({"job": "grpo", "algo.off_policy_correction": "tis"}, "algo.off_policy_correction: must be one of"),
+    ({"job": "grpo", "algo.ratio_level": "group"}, "algo.ratio_level: must be one of ['token', 'sequence']"),
+    ({"job": "grpo", "algo.sequence_clip_ratio_low": 0.0}, "algo.sequence_clip_ratio_low: must be in (0, 1)"),
+    ({"job": "grpo", "algo.sequence_clip_ratio_high": -1e-4}, "algo.sequence_clip_ratio_high: must be > 0"),
     ({"job": "grpo", "algo.old_logprobs": "rollout", "algo.off_policy_correction": "icepop"},
      "algo.off_policy_correction: icepop weighs the learner's pi_old against the rollout engine's log-probs"),
 ])
@@ -152,3 +155,13 @@ def test_off_policy_thresholds_reach_the_loss():
     loss = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.off_policy_correction": "seq_mask",
                                                                "algo.importance_cap": None})))
     assert loss.off_policy_correction == "seq_mask"
+
+
+def test_sequence_ratio_level_clips_with_its_own_range():
+    from rlhf_ray.objectives.rl import PolicyLoss
+
+    token = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.clip_ratio_high": 0.28})))
+    assert (token.ratio_level, token.clip_low, token.clip_high) == ("token", 0.2, 0.28)
+    gspo = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.ratio_level": "sequence",
+                                                               "algo.clip_ratio_high": 0.28})))
+    assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)   # the paper's range
