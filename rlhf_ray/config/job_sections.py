@@ -180,6 +180,14 @@ class RewardConfig:
     reward server's token: it prints the one it generates at start). The token itself never goes in a config, a
     URL or a log; with an endpoint in ``functions``, an unset variable stops the run before any actor starts.
     null: send no token (an endpoint without authentication)."""
+    overlong_penalty: float = 0.0
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to each sequence's reward in the training jobs (ppo,
+    grpo, online_dpo; eval and best_of_n score without it): 0 for a response of at most L_max - overlong_buffer
+    tokens, then linear down to -overlong_penalty at L_max = rollout.max_new_tokens (a truncated response gets all
+    of it). 0: off; DAPO used 1.0. Logged as reward/overlong_penalty_mean (rollout/reward_* include it)."""
+    overlong_buffer: Optional[int] = None
+    """L_cache: the tokens before rollout.max_new_tokens over which the overlong penalty grows (DAPO: 4096 of
+    20480); needed when overlong_penalty > 0, at most rollout.max_new_tokens."""
 
     def __post_init__(self) -> None:
         _check(self.http_token_env is None or bool(self.http_token_env.strip()), "http_token_env",
@@ -188,6 +196,12 @@ class RewardConfig:
                f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0 (0: off), got {self.overlong_penalty}")
+        _check(self.overlong_penalty == 0 or self.overlong_buffer is not None, "overlong_buffer",
+               "overlong_penalty > 0 needs the buffer length L_cache over which the penalty grows before "
+               "rollout.max_new_tokens (DAPO: 4096 of 20480), e.g. a quarter of max_new_tokens")
+        _check(self.overlong_buffer is None or self.overlong_buffer >= 1, "overlong_buffer",
+               f"must be >= 1 token, got {self.overlong_buffer}")
 
 
 @dataclass

@@ -54,6 +54,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     sync = None
     if cfg.job in POLICY_JOBS:
         _check_placement(cfg)
+        _check_overlong(cfg)
         sync = SyncSettings(_sync_backend(cfg, accel), cfg.rollout.weight_sync_bucket_mb,
                             auto_dtype(cfg.model.dtype, on_cuda), cfg.rollout.tensor_parallel_size)
     roles = _roles(cfg, paths, batch, reference, on_cuda)
@@ -286,6 +287,15 @@ def _check_placement(cfg: "Config") -> None:
                               "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
     if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
         raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")
+
+
+def _check_overlong(cfg: "Config") -> None:
+    """The overlong penalty's buffer fits in the responses it shapes."""
+    r = cfg.reward
+    if r.overlong_penalty > 0 and r.overlong_buffer is not None and r.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer: {r.overlong_buffer} tokens is more than the "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} a response may have; the penalty "
+                          "grows over the last overlong_buffer tokens before that limit, so give at most that many")
 
 
 def _sync_backend(cfg: "Config", accelerator: Accelerator) -> Literal["gloo", "nccl", "ipc"]:
