@@ -55,6 +55,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     sync = None
     if cfg.job in POLICY_JOBS:
         _check_placement(cfg)
+        _check_overlong(cfg)
         sync = SyncSettings(_sync_backend(cfg, accel), cfg.rollout.weight_sync_bucket_mb,
                             auto_dtype(cfg.model.dtype, on_cuda), cfg.rollout.tensor_parallel_size)
     roles = _roles(cfg, paths, batch, reference, on_cuda)
@@ -140,7 +141,8 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
                               f"{lc.micro_batch_size}")
     reference = a.uses_reference
     rl = RLSettings(advantage=advantage, old_logprobs=old_logprobs, kl_in_loss=reference and a.kl_in == "loss",
-                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae")
+                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae",
+                    off_policy_correction=_off_policy_correction(cfg, old_logprobs))
     return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
 
 
@@ -171,6 +173,20 @@ def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:
                           f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
                           f"kl_coef {a.kl_coef}; use learner")
     return a.old_logprobs  # type: ignore[return-value]
+
+
+def _off_policy_correction(cfg: "Config", old_logprobs: str) -> Optional[str]:
+    """``algo.off_policy_correction`` where it has something to correct: None when pi_old is the rollout engine's
+    own log-probs (the ratio pi_old / mu is then 1). The default token_tis turns off there by itself; a
+    correction chosen on purpose is refused, since it would do nothing."""
+    name = cfg.algo.off_policy_correction
+    if old_logprobs != "rollout":
+        return name
+    if name not in ("none", "token_tis"):
+        raise ConfigError(f"algo.off_policy_correction: {name} weighs the learner's pi_old against the rollout "
+                          "engine's log-probs, and algo.old_logprobs: rollout makes them the same numbers, so it "
+                          "would do nothing; use old_logprobs learner (or auto), or off_policy_correction: none")
+    return None
 
 
 def _reference(cfg: "Config") -> Optional[Literal["precompute", "group"]]:
@@ -285,6 +301,15 @@ def _check_rollout_mode(cfg: "Config") -> None:
             raise ConfigError(f"rollout.mode: {r.mode} generates while the learners train, which needs the engines "
                               "on their own devices; hybrid placement time-shares one GPU (use placement.mode "
                               "separate or shared, or rollout.mode sync)")
+
+
+def _check_overlong(cfg: "Config") -> None:
+    """The overlong penalty's buffer fits in the responses it shapes."""
+    r = cfg.reward
+    if r.overlong_penalty > 0 and r.overlong_buffer is not None and r.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer: {r.overlong_buffer} tokens is more than the "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} a response may have; the penalty "
+                          "grows over the last overlong_buffer tokens before that limit, so give at most that many")
 
 
 def _sync_backend(cfg: "Config", accelerator: Accelerator) -> Literal["gloo", "nccl", "ipc"]:

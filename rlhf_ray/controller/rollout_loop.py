@@ -7,8 +7,8 @@ Where a step's samples come from (``rollout.mode``):
     one_step_off   step k trains on the batch the engines generated during step k-1 (with v_{k-1}): it takes
                    that batch, syncs v_k into the now idle engines, starts them on batch k+1 and trains on batch
                    k meanwhile, so generation overlaps scoring, reference / critic forwards and the update. Each
-                   sample is one policy version old (``rollout/staleness``); the importance correction against
-                   the engine's own log-probs (``algo.importance_cap``) accounts for it.
+                   sample is one policy version old (``rollout/staleness``); the off-policy correction against
+                   the engine's own log-probs (``algo.off_policy_correction``) accounts for it.
 
 Checkpoints of a one_step_off run hold the batch in flight (``rollouts_ahead.pt``): a resumed run trains on the
 very samples the uninterrupted run trained on.
