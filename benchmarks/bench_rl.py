@@ -91,8 +91,8 @@ def bench_loop_class(sink: list, policy, critic, reward_model):
     from rlhf_ray.efficiency import rl_step_counts
 
     class BenchLoop(RLLoop):
-        def generate(self, prompts, timer, step):
-            batch, gens, rows = super().generate(prompts, timer, step)
+        def generate(self, timer, step, *args, **kwargs):
+            batch, gens, rows = super().generate(timer, step, *args, **kwargs)
             self.bench_batch = batch
             return batch, gens, rows
 

@@ -130,6 +130,14 @@ class AlgoConfig:
     ppo_epochs: int = 1
     total_steps: int = 20
     """Rollout steps (each = generate, score, update, sync)."""
+    filter_groups: bool = False
+    """DAPO's dynamic sampling (job grpo, sync rollouts): a prompt whose samples all got the same reward gives
+    every one of them zero advantage; drop it and sample the next prompts until the step has
+    ``prompts_per_step`` groups with differing rewards (counted in ``filter/*``). Prompts are taken in epoch
+    order, so a step may take more than ``prompts_per_step`` of them."""
+    max_filter_rounds: int = 3
+    """Extra sampling rounds a step may take to fill its batch; still short after them, it trains with dropped
+    groups in the empty places (``filter/topped_up_groups``)."""
 
     @property
     def uses_reference(self) -> bool:
@@ -138,6 +146,7 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
+        _check(self.max_filter_rounds >= 0, "max_filter_rounds", "must be >= 0")
         _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
         _check(0 < self.sequence_clip_ratio_low < 1, "sequence_clip_ratio_low",

@@ -80,6 +80,25 @@ class EpochOrder:
         return self._cache[1][pos]
 
 
+class PromptCursor:
+    """The items of a run in ``EpochOrder``, taken as needed: a run that takes ``items_per_step`` a step gets
+    exactly ``order.batch(step)`` at step ``step``; one that takes more (``algo.filter_groups`` refills) moves on
+    through the same order, across epochs, so every item of an epoch is still taken once."""
+
+    def __init__(self, order: EpochOrder):
+        self.order, self.taken = order, 0
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` items."""
+        per_step, out = self.order.schedule.items_per_step, []
+        while len(out) < n:
+            step, offset = divmod(self.taken, per_step)
+            k = min(n - len(out), per_step - offset)
+            out += self.order.batch(step)[offset:offset + k]
+            self.taken += k
+        return out
+
+
 class TrainLoop:
     """A run's shared state (resolved config, roles, schedule, checkpoints) and its life (``run``)."""
 

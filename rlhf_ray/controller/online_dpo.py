@@ -65,11 +65,10 @@ class OnlineDPOLoop(RolloutLoop):
 
     def step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
-        prompts = self.prompt_batch(step)
         t_step = time.perf_counter()
 
         # 1-2. generate and score
-        batch, gens, rows = self.generate(prompts, timer, step)
+        batch, gens, rows = self.generate(timer, step)
         metrics = self.score(batch, rows, timer)
 
         # 3. pairs

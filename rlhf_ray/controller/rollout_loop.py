@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 import numpy as np
 import torch
 
-from rlhf_ray.controller.loop import Schedule, TrainLoop
+from rlhf_ray.controller.loop import PromptCursor, Schedule, TrainLoop
 from rlhf_ray.controller.recovery import classify
 from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
 from rlhf_ray.controller.rl_metrics import rollout_metrics
@@ -52,6 +52,8 @@ class Ahead:
 
     step: int
     """The step that trains on them."""
+    indices: list[int]
+    """Their prompts' positions in the prompt set (taken from the cursor when the engines started on them)."""
     pending: Any
     """A ``PendingGeneration`` (``result()`` -> batch, generations), or those already at hand (``Done``)."""
     version: int
@@ -95,6 +97,8 @@ class RolloutLoop(TrainLoop):
         self.engine_version = 0
         """Updates applied to the weights the engines hold (they start with ``model.path``: version 0)."""
         self.ahead: Optional[Ahead] = None
+        self.cursor = PromptCursor(self.order)
+        """Where the run is in its prompts' epoch order (checkpointed: a resumed run takes the prompts next)."""
         self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
@@ -122,8 +126,8 @@ class RolloutLoop(TrainLoop):
             return
         batch, gens = self.on_engines(self.ahead.pending.result)
         self.ahead = dataclasses.replace(self.ahead, pending=Done(batch, gens))
-        torch.save({"step": step, "version": self.ahead.version, "generations": gens.to_state()},
-                   directory / AHEAD_FILE)
+        torch.save({"step": step, "version": self.ahead.version, "generations": gens.to_state(),
+                    "prompt_indices": list(self.ahead.indices)}, directory / AHEAD_FILE)
 
     def load_files(self, directory: Path, step: int) -> None:
         path = directory / AHEAD_FILE
@@ -134,33 +138,54 @@ class RolloutLoop(TrainLoop):
 
         saved = torch.load(path, weights_only=True)
         gens = Generations.from_state(saved["generations"])
-        batch = batch_of([p.prompt_ids for p in self.prompt_batch(step)], gens, self.tokenizer.pad_token_id)
-        self.ahead = Ahead(step, Done(batch, gens), int(saved["version"]))
+        indices = [int(i) for i in saved["prompt_indices"]]
+        batch = batch_of([self.prompts[i].prompt_ids for i in indices], gens, self.tokenizer.pad_token_id)
+        self.ahead = Ahead(step, indices, Done(batch, gens), int(saved["version"]))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"prompts_taken": self.cursor.taken}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        per_step = self.schedule.items_per_step
+        self.cursor.taken = int(state.get("prompts_taken", state["step"] * per_step))
 
     # ---- pieces of a step ---------------------------------------------------------------------------
-    def prompt_batch(self, step: int) -> list:
-        """The prompts of ``step`` (epochs over the prompt set, reshuffled per epoch)."""
-        return [self.prompts[i] for i in self.order.batch(step)]
+    def sampling_seed(self, step: int, round_: int = 0) -> int:
+        """The seed of ``step``'s sampling (round ``round_`` of its refills): a function of (engine seed, step,
+        round) only."""
+        key = [self.resolved.role("rollout").seed, step] + ([round_] if round_ else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
 
-    def sampling_seed(self, step: int) -> int:
-        """The seed of ``step``'s sampling: a function of (engine seed, step) only."""
-        return int(np.random.SeedSequence([self.resolved.role("rollout").seed, step]).generate_state(1)[0])
+    def generate(self, timer: PhaseTimer, step: int, n_prompts: Optional[int] = None,
+                 round_: int = 0) -> tuple[Any, Any, list]:
+        """``rollout.n_samples`` responses to each of the next ``n_prompts`` prompts (default: a step's) as a
+        ``RolloutBatch`` (with prompt texts and row fields, ``batch.staleness``), the raw generations, and each
+        sequence's prompt example: sampled now, or (one step off) taken from the engines' work during the
+        previous step, which then start on the next batch.
 
-    def generate(self, prompts: list, timer: PhaseTimer, step: int) -> tuple[Any, Any, list]:
-        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields,
-        ``batch.staleness``), the raw generations, and each sequence's prompt example: sampled now, or (one
-        step off) taken from the engines' work during the previous step, which then start on the next batch.
+        The engines are reseeded for the step (and refill round) they sample for, so a run resumed at any step,
+        or an engine replaced mid-step, draws the samples an uninterrupted run drew."""
+        fresh = self.ahead is None or self.ahead.step != step or round_ > 0
+        ahead = None if fresh else self.ahead
+        if ahead is not None:
+            self.ahead = None
+            indices = ahead.indices
+        else:
+            indices = self.cursor.take(n_prompts or self.schedule.items_per_step)
+        prompts = [self.prompts[i] for i in indices]
+        if self.hybrid and round_ > 0:  # a refill: the learners hold the GPUs since the last round; hand them back
+            with timer("sleep_wake"):
+                for role in self.roles.learners():
+                    role.offload()
+                self.roles.rollout.wake_up()
 
-        The engines are reseeded for the step they sample for, so a run resumed at any step, or an engine
-        replaced mid-step, draws the samples an uninterrupted run drew."""
         def sample() -> tuple[Any, Any]:
-            self.roles.rollout.reseed(self.sampling_seed(step))
+            self.roles.rollout.reseed(self.sampling_seed(step, round_))
             return self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
                                                self.tokenizer.pad_token_id)
 
-        ahead, self.ahead = self.ahead, None
         with timer("generate"):  # one step off: the wait for what the engines generated meanwhile
-            if ahead is not None and ahead.step == step:
+            if ahead is not None:
                 taken = []
 
                 def take() -> tuple[Any, Any]:
@@ -175,7 +200,7 @@ class RolloutLoop(TrainLoop):
                 batch, gens = self.on_engines(sample)
                 version = self.engine_version
         batch.staleness = step - version
-        if self.one_step_off and step + 1 < self.schedule.total_steps:
+        if self.one_step_off and step + 1 < self.schedule.total_steps and not round_:
             self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
@@ -184,18 +209,59 @@ class RolloutLoop(TrainLoop):
                     role.reload()
         return batch, gens, attach_prompts(batch, prompts)
 
+    def varied_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
+        """DAPO's dynamic sampling (``algo.filter_groups``): generate and score a step's prompts, keep the groups
+        whose rewards differ (``algos.filtering.varied_groups``), and sample the shortfall from the next prompts,
+        for at most ``algo.max_filter_rounds`` more rounds; still short, the batch is topped up with dropped groups
+        (zero advantage) so that its shape holds. Returns (batch with rewards, generations, rows, metrics): the
+        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts."""
+        from rlhf_ray.algos.filtering import varied_groups
+        from rlhf_ray.controller.roles import batch_of
+        from rlhf_ray.engines.rollout_engine import Generations
+
+        need, B = self.schedule.items_per_step, self.schedule.items_per_step
+        kept, flat, metrics, seconds, round_, taken = [], [], {}, 0.0, 0, 0
+        while True:
+            batch, gens, rows = self.generate(timer, step, need, round_)
+            taken += need
+            scored = self.score(batch, rows, timer)
+            metrics = metrics or scored
+            seconds += gens.seconds
+            varied = set(varied_groups(batch.rewards, batch.group_index))
+            for g in dict.fromkeys(batch.group_index.tolist()):
+                at = (batch.group_index == g).nonzero().flatten().tolist()
+                group = (rows[at[0]], [gens.token_ids[i] for i in at], [gens.logprobs[i] for i in at],
+                         [gens.texts[i] for i in at], [gens.finish_reasons[i] for i in at], batch.rewards[at])
+                (kept if g in varied else flat).append(group)
+            if len(kept) >= B or round_ == self.cfg.algo.max_filter_rounds:
+                break
+            round_, need = round_ + 1, B - len(kept)
+        chosen = kept[:B] + flat[:B - len(kept[:B])]
+        prompts = [c[0] for c in chosen]
+        index = [g for g, c in enumerate(chosen) for _ in c[1]]
+        merged = Generations(np.asarray(index), [t for c in chosen for t in c[1]], [lp for c in chosen for lp in c[2]],
+                             [x for c in chosen for x in c[3]], [r for c in chosen for r in c[4]], seconds)
+        out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
+        out.rewards = torch.cat([c[5] for c in chosen])
+        metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
+                        "filter/kept_groups": float(min(len(kept), B)),
+                        "filter/dropped_groups": float(len(flat)),
+                        "filter/topped_up_groups": float(max(0, B - len(kept)))})
+        return out, merged, attach_prompts(out, prompts), metrics
+
     def start_ahead(self, step: int, timer: PhaseTimer) -> None:
         """Bring the idle engines up to the policy's version, then start them on ``step``'s batch (one step off)."""
         with timer("weight_sync"):
             self.engines_current()
-        prompts = self.prompt_batch(step)
+        indices = self.cursor.take(self.schedule.items_per_step)
+        prompts = [self.prompts[i] for i in indices]
 
         def launch() -> Any:
             self.roles.rollout.reseed(self.sampling_seed(step))
             return self.roles.rollout.generate_async([p.prompt_ids for p in prompts], self.spec,
                                                      self.tokenizer.pad_token_id)
 
-        self.ahead = Ahead(step, self.on_engines(launch), self.engine_version)
+        self.ahead = Ahead(step, indices, self.on_engines(launch), self.engine_version)
 
     def engines_current(self) -> None:
         """Sync the policy into the engines if an update is not in them yet (one step off defers each step's

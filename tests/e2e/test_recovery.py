@@ -56,8 +56,9 @@ def _rl(job: str, tiny_model_dir, out: Path, steps: int, loop_cls, **values) -> 
 
 
 def _compared(rows: list[dict]) -> list[dict]:
-    """Each step's rollout, policy, critic and KL metrics (what a lost, repeated or re-sampled step changes)."""
-    keys = [k for k in rows[0] if k.startswith(("rollout/", "actor/", "critic/", "kl/"))]
+    """Each step's rollout, policy, critic and KL metrics (what a lost, repeated or re-sampled step changes), less
+    wall-clock seconds."""
+    keys = [k for k in rows[0] if k.startswith(("rollout/", "actor/", "critic/", "kl/")) and not k.endswith("_s")]
     assert len(keys) > 10
     return [{k: r[k] for k in ["step", *keys]} for r in rows]
 

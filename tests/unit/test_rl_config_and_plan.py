@@ -88,6 +88,10 @@ def test_shared_with_mismatched_sizes_is_refused():
     ({"job": "best_of_n", "rollout.mode": "one_step_off"}, "rollout.mode: one_step_off overlaps generation with "
                                                             "training; job best_of_n does not train on rollouts"),
     ({"job": "grpo", "rollout.mode": "async"}, "rollout.mode"),
+    ({"job": "ppo", "algo.filter_groups": True}, "algo.filter_groups: drops prompts whose samples' rewards are all"),
+    ({"job": "grpo", "algo.filter_groups": True, "rollout.mode": "one_step_off"},
+     "algo.filter_groups: refills a step's batch with new samples at step time"),
+    ({"job": "grpo", "algo.max_filter_rounds": -1}, "algo.max_filter_rounds: must be >= 0"),
     ({"job": "grpo", "algo.importance_cap": None},
      "algo.importance_cap: null no longer turns the importance correction off; off_policy_correction=token_tis"),
     ({"job": "grpo", "algo.off_policy_correction": "seq_tis", "algo.importance_cap": None},
