@@ -14,6 +14,8 @@ and prompts, through TRL, against the same calibration -> table on stdout, JSON 
     python benchmarks/bench_trl.py --from runs/bench/grpo-gpu    # TRL on the same inputs, put beside ours
     python benchmarks/bench_rl.py --job grpo --gpu --long-tail   # lengths with a long tail instead of ignore_eos
     python benchmarks/bench_rl.py --job grpo --gpu rollout.max_num_seqs=512 learner.micro_batch_size=16  # tuning
+    python benchmarks/bench_rl.py --job grpo --tiny --mode sync,one_step_off --reward-delay-s 1
+                                                                 # rollout modes side by side: what overlap hides
 
 Trailing ``key=value`` arguments are config overrides (as for ``rlhf-ray train``), for tuning runs.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -33,9 +36,13 @@ if __package__ in (None, ""):  # run as `python benchmarks/<file>.py`: the repos
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import (GPU_ENGINE, REPO, REWARD_SPEC, WORKLOADS, MemorySampler, Workload, attach_peer,
-                               best_calibration, default_json_path, environment, evaluate_targets, pick_workload,
-                               prepare_model, random_texts, render_table, run_calibration, setup_logging, summarize,
-                               write_jsonl, write_result)
+                               best_calibration, default_json_path, environment, evaluate_targets, overlap_summary,
+                               pick_workload, prepare_model, random_texts, render_modes, render_table, run_calibration,
+                               setup_logging, summarize, write_jsonl, write_result)
+from benchmarks.reward import DELAY_ENV
+
+MODES = ("sync", "one_step_off")
+SLOW_REWARD_SPEC = REWARD_SPEC.replace(":digit_fraction", ":slow_digit_fraction")
 
 log = logging.getLogger("benchmarks.bench_rl")
 
@@ -84,8 +91,8 @@ def bench_loop_class(sink: list, policy, critic, reward_model):
     from rlhf_ray.efficiency import rl_step_counts
 
     class BenchLoop(RLLoop):
-        def generate(self, prompts, timer, step):
-            batch, gens, rows = super().generate(prompts, timer, step)
+        def generate(self, timer, step, *args, **kwargs):
+            batch, gens, rows = super().generate(timer, step, *args, **kwargs)
             self.bench_batch = batch
             return batch, gens, rows
 
@@ -157,11 +164,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--work-dir", type=Path, default=None, help="run directory (default runs/bench/<job>-<workload>)")
     p.add_argument("--model-cache", type=Path, default=Path("runs") / "bench-models")
     p.add_argument("--json", type=Path, default=None, help="result file (GPU default: benchmarks/results/...)")
+    p.add_argument("--mode", default="sync",
+                   help=f"rollout modes to run side by side, comma-separated ({', '.join(MODES)}); the first is the "
+                        "main result")
+    p.add_argument("--reward-delay-s", type=float, default=0.0,
+                   help="a reward that waits this long per batch (a remote verifier): what overlap can hide on CPU")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. rollout.max_num_seqs=512")
     args = p.parse_args(argv)
     setup_logging()
     if args.with_trl and args.job != "grpo":
         p.error("--with-trl compares GRPO (TRL's GRPOTrainer)")
+    modes = args.mode.split(",")
+    if any(m not in MODES for m in modes) or len(set(modes)) != len(modes):
+        p.error(f"--mode: a comma-separated list of distinct modes from {', '.join(MODES)}; got {args.mode!r}")
+    if args.gpu and modes != ["sync"]:
+        p.error("--mode: the GPU workload runs on one GPU in hybrid placement, where generation and training "
+                "time-share it; overlapping modes need the engines on their own GPUs")
+    overrides = list(args.overrides)
+    if args.reward_delay_s > 0:
+        os.environ[DELAY_ENV] = str(args.reward_delay_s)
+        overrides.append(f"reward.functions=[{SLOW_REWARD_SPEC}]")
 
     w = pick_workload(WORKLOADS, "gpu" if args.gpu else "tiny", args.shape, args.long_tail, args.steps)
     work = (args.work_dir or Path("runs") / "bench" / f"{args.job}-{w.label}").absolute()
@@ -172,7 +194,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     model_dir, data, rm_dir = prepare(args.job, w, work, args.model_cache.absolute())
 
     with MemorySampler(w.on_gpu) as mem:
-        rows, counts, shapes, config = run_ours(args.job, w, model_dir, data, rm_dir, work / "run", args.overrides)
+        rows, counts, shapes, config = run_ours(args.job, w, model_dir, data, rm_dir, work / "run",
+                                                overrides + [f"rollout.mode={modes[0]}"])
+    mode_summaries = {modes[0]: overlap_summary(rows, w.warmup)}
+    for mode in modes[1:]:
+        other, _, _, _ = run_ours(args.job, w, model_dir, data, rm_dir, work / f"run-{mode}",
+                                  overrides + [f"rollout.mode={mode}"])
+        mode_summaries[mode] = overlap_summary(other, w.warmup)
     import ray
 
     ray.shutdown()
@@ -194,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "engine_settings": {k: v for k, v in config["rollout"].items()
                             if k in ("max_num_seqs", "enforce_eager", "enable_prefix_caching", "enable_chunked_prefill",
                                      "gpu_memory_utilization", "engine_kwargs", "weight_sync_bucket_mb")},
-        "overrides": args.overrides, "steps": rows,
+        "overrides": overrides, "modes": mode_summaries, "reward_delay_s": args.reward_delay_s, "steps": rows,
     }
     if w.on_gpu:
         result["targets"] = evaluate_targets(result)
@@ -208,6 +236,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     result["wall_s"] = time.perf_counter() - t0
     write_result(result, path)
     print(render_table(result))
+    print(render_modes(mode_summaries))
     print(f"result: {path}")
     return 0
 

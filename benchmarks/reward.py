@@ -9,6 +9,20 @@ def digit_fraction(prompts, responses, **_):
     return [sum(c.isdigit() for c in r) / max(1, len(r)) for r in responses]
 
 
+DELAY_ENV = "RLHF_RAY_BENCH_REWARD_DELAY_S"
+"""Seconds ``slow_digit_fraction`` spends per batch (``bench_rl.py --reward-delay-s``)."""
+
+
+def slow_digit_fraction(prompts, responses, **_):
+    """``digit_fraction`` after ``$RLHF_RAY_BENCH_REWARD_DELAY_S`` seconds of waiting: a reward that spends wall
+    time without compute (a remote verifier, a judge behind an API), to show what overlapping hides."""
+    import os
+    import time
+
+    time.sleep(float(os.environ.get(DELAY_ENV, "0")))
+    return digit_fraction(prompts, responses)
+
+
 def trl_digit_fraction(prompts, completions, **_):
     """The same reward in TRL's signature (``completions`` are strings for string prompts)."""
     return digit_fraction(prompts, completions)

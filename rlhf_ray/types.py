@@ -38,6 +38,7 @@ class RolloutBatch:
     responses: list[str] = field(default_factory=list)
     row_fields: dict[str, list[Any]] = field(default_factory=dict)
     finish_reasons: list[str] = field(default_factory=list)
+    staleness: int = 0                         # policy updates between the weights that sampled it and training
 
     @staticmethod
     def from_generations(prompt_ids: list[list[int]], response_ids: list, response_logprobs: list,

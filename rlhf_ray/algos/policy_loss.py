@@ -1,7 +1,9 @@
-"""Per-token policy and value losses, and the truncated importance weight for rollout/learner mismatch.
+"""Per-token policy and value losses, and the level at which the policy ratio is taken.
 
-Each returns an unreduced (B, T) loss plus a (B, T) float 0/1 "clipped" indicator; reduce with
-``aggregation.agg_loss`` under the action mask. Inputs: logp, old_logp, advantages (B, T).
+Each loss returns an unreduced (B, T) loss plus a (B, T) float 0/1 "clipped" indicator; reduce with
+``aggregation.agg_loss`` under the action mask. Inputs: logp, old_logp, advantages (B, T). The ratio level
+(``RATIO_LEVELS``: PPO's per token, GSPO's per sequence) rewrites logp before the loss sees it. The importance
+weights against the rollout engine's log-probs are ``rlhf_ray.algos.off_policy``'s.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from torch import Tensor
 LOG_RATIO_CLAMP = 20.0
 
 PolicyLossFn = Callable[[Tensor, Tensor, Tensor, float, float, Optional[float]], tuple[Tensor, Tensor]]
+RatioLevelFn = Callable[[Tensor, Tensor, Tensor], Tensor]
+"""``(logp, old_logp, mask) -> logp'``, all (B, T): the log-probs whose per-token ratio exp(logp' - old_logp) to
+pi_old is the level's ratio, with the gradient the level's objective gives."""
 
 
 def _ratio(logp: Tensor, old_logp: Tensor) -> Tensor:
@@ -66,6 +71,39 @@ def get_policy_loss(name: str) -> PolicyLossFn:
     return POLICY_LOSSES[name]
 
 
+def token_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """PPO's ratio, one per token: logp' = logp, so ratio_t = exp(logp_t - old_t). (B, T) -> (B, T)."""
+    return logp
+
+
+def sequence_ratio(logp: Tensor, old_logp: Tensor, mask: Tensor) -> Tensor:
+    """GSPO's ratio, one per sequence (Zheng et al. 2025), in the paper's token form (GSPO-token):
+
+        log s_b = sum_t mask_t (logp_t - old_t) / max(1, sum_t mask_t)           (B,)   geometric mean ratio
+        logp'_{b,t} = old_{b,t} + sg[log s_b] + logp_{b,t} - sg[logp_{b,t}]       (B, T)
+
+    so that exp(logp' - old) = s_b at every token of row b (clipped as a whole: every token of a sequence is
+    clipped or none is), and d exp(logp'_{b,t} - old_{b,t}) / d logp_{b,t} = s_b. With the advantage equal on
+    every token of a row (the critic-free estimators) and ``loss_agg: seq_mean_token_mean``, the loss is GSPO's
+    -1/G sum_b min(s_b A_b, clip(s_b) A_b) and its gradient s_b A_b / |y_b| sum_t grad log pi(y_{b,t}) for each
+    unclipped b. mask, logp, old_logp: (B, T); sg = stop-gradient.
+    """
+    mask = mask.float()
+    n = mask.sum(dim=-1).clamp_min(1.0)
+    log_s = (((logp.detach().float() - old_logp.float()) * mask).sum(dim=-1) / n)[:, None]
+    return old_logp.float() + log_s + logp.float() - logp.detach().float()
+
+
+RATIO_LEVELS: dict[str, RatioLevelFn] = {"token": token_ratio, "sequence": sequence_ratio}
+
+
+def get_ratio_level(name: str) -> RatioLevelFn:
+    """``RATIO_LEVELS[name]``, or a ValueError listing the known names."""
+    if name not in RATIO_LEVELS:
+        raise ValueError(f"unknown ratio level {name!r}; known: {', '.join(RATIO_LEVELS)}")
+    return RATIO_LEVELS[name]
+
+
 def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
                clip: Optional[float]) -> tuple[Tensor, Tensor]:
     """Clipped value loss (PPO): values, old_values, returns (B, T) -> (loss, clipped), (B, T).
@@ -84,13 +122,3 @@ def value_loss(values: Tensor, old_values: Tensor, returns: Tensor,
     clipped = clipped_sq > unclipped
     return 0.5 * torch.where(clipped, clipped_sq, unclipped), clipped.float()
 
-
-def truncated_importance_weights(old_logp: Tensor, rollout_logp: Tensor, cap: Optional[float]) -> Tensor:
-    """TIS (Yao et al. 2025): w = min(exp(old_logp - rollout_logp), cap), detached. (B, T) -> (B, T).
-
-    Corrects for the sampler (vLLM) and learner computing different probabilities for the same tokens.
-    ``cap=None`` -> all ones. The log-ratio is clamped to [-20, 20] before exp.
-    """
-    if cap is None:
-        return torch.ones_like(old_logp, dtype=torch.float32)
-    return _ratio(old_logp, rollout_logp).clamp(max=cap).detach()

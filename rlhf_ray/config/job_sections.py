@@ -6,8 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, POLICY_LOSS_NAMES,
-                                  PREFERENCE_LOSS_NAMES)
+from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, OFF_POLICY_CORRECTIONS,
+                                  POLICY_LOSS_NAMES, PREFERENCE_LOSS_NAMES, RATIO_LEVELS)
 from rlhf_ray.config.errors import check as _check
 
 
@@ -45,6 +45,11 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256
     seed: Optional[int] = None
     """Base seed of the engines' sampling (engine i: seed + i); default ``train.seed``."""
+    mode: Literal["sync", "one_step_off"] = "sync"
+    """sync: each step samples with the current policy, then trains. one_step_off: the engines sample the next
+    step's batch while the learners train on this one (generation overlaps training; every sample is one policy
+    version old, corrected by ``algo.off_policy_correction``). Needs the engines on their own devices (not
+    ``placement.mode: hybrid``)."""
 
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")
@@ -70,6 +75,16 @@ class AlgoConfig:
     """Upper clip (set above clip_ratio_low for DAPO-style asymmetric clipping)."""
     dual_clip: Optional[float] = None
     """Dual-clip constant c > 1 for negative advantages (Ye et al. 2020); None disables it."""
+    ratio_level: Literal[RATIO_LEVELS] = "token"
+    """The policy ratio pi / pi_old of the clipped loss. token: PPO's, per token. sequence: GSPO's (Zheng et al.
+    2025), s_b = exp(mean_t (logp - old_logp)) for the whole response b, clipped to [1 - sequence_clip_ratio_low,
+    1 + sequence_clip_ratio_high] (clip_ratio_low / _high are then unused), in the paper's token form (each token's
+    gradient scaled by s_b). The paper's objective averages per sequence: pair it with loss_agg:
+    seq_mean_token_mean."""
+    sequence_clip_ratio_low: float = 3e-4
+    """Lower clip of GSPO's sequence ratio (ratio_level: sequence); the paper used 3e-4."""
+    sequence_clip_ratio_high: float = 4e-4
+    """Upper clip of GSPO's sequence ratio (ratio_level: sequence); the paper used 4e-4."""
     loss_agg: Literal[LOSS_AGG_MODES] = "token_mean"
     kl_coef: float = 0.0
     """KL penalty against the reference model; 0 skips the reference forward entirely."""
@@ -91,8 +106,23 @@ class AlgoConfig:
     KL is taken at pi_old before the update). rollout: the log-probs vLLM returned while sampling (also one
     pass less; the ratio is then taken against the engine's numbers). auto: update where it is exact, else
     learner (resolved at load)."""
+    off_policy_correction: Literal[OFF_POLICY_CORRECTIONS] = "token_tis"
+    """How the loss corrects for the rollout engine's sampling distribution mu differing from the learner's pi_old
+    (vLLM-vs-learner numerics, and staleness when the engines run behind the policy), from the ratio
+    rho = pi_old / mu of the engine's and the learner's log-probs (``rlhf_ray.algos.off_policy``). Each weight
+    multiplies a token's policy loss. none: w = 1. token_tis: w_t = min(rho_t, importance_cap). seq_tis:
+    w = min(rho_b, importance_cap) for every token of sequence b, rho_b the product of its token ratios.
+    seq_mask: w = rho_b inside [importance_mask_low, importance_mask_high], else 0 (the sequence dropped).
+    icepop: w_t = rho_t inside the band, else 0 (the token dropped). With ``old_logprobs: rollout`` pi_old is
+    mu itself, so there is nothing to correct: the default token_tis is then off, and the others are refused."""
     importance_cap: Optional[float] = 2.0
-    """Truncated importance weight min(exp(old - rollout logp), cap) correcting vLLM/learner mismatch; None disables."""
+    """Cap of the truncating corrections (token_tis, seq_tis): w = min(rho, importance_cap); must be >= 1. This
+    key was the on/off switch of today's token_tis before ``off_policy_correction`` existed: ``null`` is refused
+    with those two (set ``off_policy_correction: none`` to turn the correction off); unused by the masks."""
+    importance_mask_low: float = 0.5
+    """seq_mask, icepop: a ratio rho below this is masked (in [0, 1); IcePop used 0.5)."""
+    importance_mask_high: float = 2.0
+    """seq_mask, icepop: a ratio rho above this is masked (> 1; IcePop used 5)."""
     prompts_per_step: int = 8
     """Prompts per rollout step (x rollout.n_samples responses)."""
     mini_batches: int = 1
@@ -100,6 +130,14 @@ class AlgoConfig:
     ppo_epochs: int = 1
     total_steps: int = 20
     """Rollout steps (each = generate, score, update, sync)."""
+    filter_groups: bool = False
+    """DAPO's dynamic sampling (job grpo, sync rollouts): a prompt whose samples all got the same reward gives
+    every one of them zero advantage; drop it and sample the next prompts until the step has
+    ``prompts_per_step`` groups with differing rewards (counted in ``filter/*``). Prompts are taken in epoch
+    order, so a step may take more than ``prompts_per_step`` of them."""
+    max_filter_rounds: int = 3
+    """Extra sampling rounds a step may take to fill its batch; still short after them, it trains with dropped
+    groups in the empty places (``filter/topped_up_groups``)."""
 
     @property
     def uses_reference(self) -> bool:
@@ -108,8 +146,13 @@ class AlgoConfig:
 
     def __post_init__(self) -> None:
         _check(0 < self.clip_ratio_low < 1, "clip_ratio_low", "must be in (0, 1)")
+        _check(self.max_filter_rounds >= 0, "max_filter_rounds", "must be >= 0")
         _check(self.clip_ratio_high > 0, "clip_ratio_high", "must be > 0")
         _check(self.dual_clip is None or self.dual_clip > 1, "dual_clip", "must be > 1 (or null)")
+        _check(0 < self.sequence_clip_ratio_low < 1, "sequence_clip_ratio_low",
+               f"must be in (0, 1), got {self.sequence_clip_ratio_low}")
+        _check(self.sequence_clip_ratio_high > 0, "sequence_clip_ratio_high",
+               f"must be > 0, got {self.sequence_clip_ratio_high}")
         _check(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         _check(self.adaptive_kl_target is None or self.kl_coef > 0, "kl_coef",
                "adaptive_kl_target scales kl_coef from its start, so it must start > 0 (from 0 it stays 0)")
@@ -118,6 +161,18 @@ class AlgoConfig:
         _check(self.prompts_per_step >= 1, "prompts_per_step", "must be >= 1")
         _check(self.mini_batches >= 1 and self.ppo_epochs >= 1, "mini_batches", "mini_batches and ppo_epochs must be >= 1")
         _check(self.total_steps >= 1, "total_steps", "must be >= 1")
+        truncating = self.off_policy_correction in ("token_tis", "seq_tis")
+        _check(self.importance_cap is not None or not truncating, "importance_cap",
+               "null no longer turns the importance correction off; "
+               f"off_policy_correction={self.off_policy_correction} truncates at this cap, so give a cap >= 1 "
+               "(2.0 by default), or set off_policy_correction: none")
+        _check(self.importance_cap is None or self.importance_cap >= 1, "importance_cap",
+               f"must be >= 1 (a cap below 1 would shrink even the tokens the engine and the learner agree on, "
+               f"ratio 1), got {self.importance_cap}")
+        _check(0 <= self.importance_mask_low < 1, "importance_mask_low", "must be in [0, 1): the band must keep "
+               f"ratio 1 (engine and learner agreeing), got {self.importance_mask_low}")
+        _check(self.importance_mask_high > 1, "importance_mask_high", "must be > 1: the band must keep ratio 1 "
+               f"(engine and learner agreeing), got {self.importance_mask_high}")
 
 
 @dataclass
@@ -139,6 +194,14 @@ class RewardConfig:
     reward server's token: it prints the one it generates at start). The token itself never goes in a config, a
     URL or a log; with an endpoint in ``functions``, an unset variable stops the run before any actor starts.
     null: send no token (an endpoint without authentication)."""
+    overlong_penalty: float = 0.0
+    """DAPO's soft overlong punishment (Yu et al. 2025), added to each sequence's reward in the training jobs (ppo,
+    grpo, online_dpo; eval and best_of_n score without it): 0 for a response of at most L_max - overlong_buffer
+    tokens, then linear down to -overlong_penalty at L_max = rollout.max_new_tokens (a truncated response gets all
+    of it). 0: off; DAPO used 1.0. Logged as reward/overlong_penalty_mean (rollout/reward_* include it)."""
+    overlong_buffer: Optional[int] = None
+    """L_cache: the tokens before rollout.max_new_tokens over which the overlong penalty grows (DAPO: 4096 of
+    20480); needed when overlong_penalty > 0, at most rollout.max_new_tokens."""
 
     def __post_init__(self) -> None:
         _check(self.http_token_env is None or bool(self.http_token_env.strip()), "http_token_env",
@@ -147,6 +210,12 @@ class RewardConfig:
                f"needs one weight per function ({len(self.functions)}), got {len(self.weights)}")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.num_workers >= 1, "num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.overlong_penalty >= 0, "overlong_penalty", f"must be >= 0 (0: off), got {self.overlong_penalty}")
+        _check(self.overlong_penalty == 0 or self.overlong_buffer is not None, "overlong_buffer",
+               "overlong_penalty > 0 needs the buffer length L_cache over which the penalty grows before "
+               "rollout.max_new_tokens (DAPO: 4096 of 20480), e.g. a quarter of max_new_tokens")
+        _check(self.overlong_buffer is None or self.overlong_buffer >= 1, "overlong_buffer",
+               f"must be >= 1 token, got {self.overlong_buffer}")
 
 
 @dataclass

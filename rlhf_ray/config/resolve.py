@@ -44,6 +44,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     on_cuda = cfg.learner.gpus_per_worker > 0 and (accelerator or "cuda") == "cuda"
     accel: Accelerator = "cuda" if on_cuda else "cpu"
     _check_qlora(cfg)
+    _check_rollout_mode(cfg)
     paths = _paths(cfg)
     if cfg.job in RL_JOBS:
         batch, rl = _rollout_job_shape(cfg)
@@ -54,6 +55,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     sync = None
     if cfg.job in POLICY_JOBS:
         _check_placement(cfg)
+        _check_overlong(cfg)
         sync = SyncSettings(_sync_backend(cfg, accel), cfg.rollout.weight_sync_bucket_mb,
                             auto_dtype(cfg.model.dtype, on_cuda), cfg.rollout.tensor_parallel_size)
     roles = _roles(cfg, paths, batch, reference, on_cuda)
@@ -139,7 +141,8 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
                               f"{lc.micro_batch_size}")
     reference = a.uses_reference
     rl = RLSettings(advantage=advantage, old_logprobs=old_logprobs, kl_in_loss=reference and a.kl_in == "loss",
-                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae")
+                    kl_in_reward=reference and a.kl_in == "reward", whiten_advantages=advantage == "gae",
+                    off_policy_correction=_off_policy_correction(cfg, old_logprobs))
     return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
 
 
@@ -170,6 +173,20 @@ def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:
                           f"adaptive_kl_target); got mini_batches {a.mini_batches}, ppo_epochs {a.ppo_epochs}, "
                           f"kl_coef {a.kl_coef}; use learner")
     return a.old_logprobs  # type: ignore[return-value]
+
+
+def _off_policy_correction(cfg: "Config", old_logprobs: str) -> Optional[str]:
+    """``algo.off_policy_correction`` where it has something to correct: None when pi_old is the rollout engine's
+    own log-probs (the ratio pi_old / mu is then 1). The default token_tis turns off there by itself; a
+    correction chosen on purpose is refused, since it would do nothing."""
+    name = cfg.algo.off_policy_correction
+    if old_logprobs != "rollout":
+        return name
+    if name not in ("none", "token_tis"):
+        raise ConfigError(f"algo.off_policy_correction: {name} weighs the learner's pi_old against the rollout "
+                          "engine's log-probs, and algo.old_logprobs: rollout makes them the same numbers, so it "
+                          "would do nothing; use old_logprobs learner (or auto), or off_policy_correction: none")
+    return None
 
 
 def _reference(cfg: "Config") -> Optional[Literal["precompute", "group"]]:
@@ -271,6 +288,39 @@ def _check_placement(cfg: "Config") -> None:
                               "cannot move again for hybrid placement; use learner.offload false or zero_stage 1-2")
     if r.weight_sync_backend == "ipc" and cfg.placement.mode != "hybrid":
         raise ConfigError("rollout.weight_sync_backend: ipc shares GPU memory, so it needs placement.mode hybrid")
+
+
+def _check_rollout_mode(cfg: "Config") -> None:
+    """Overlapping generation with training needs a training rollout job and engines on their own devices;
+    DAPO's refills sample at step time, from group-relative advantages."""
+    r = cfg.rollout
+    if cfg.algo.filter_groups:
+        if cfg.job != "grpo":
+            raise ConfigError(f"algo.filter_groups: drops prompts whose samples' rewards are all equal, which carry "
+                              f"no group-relative advantage; job {cfg.job} does not use one (use job grpo)")
+        if r.mode != "sync":
+            raise ConfigError(f"algo.filter_groups: refills a step's batch with new samples at step time, which "
+                              f"rollout.mode {r.mode} does not support yet (use rollout.mode sync)")
+        if r.n_samples < 2:
+            raise ConfigError("algo.filter_groups: a group of rollout.n_samples=1 never has differing rewards; "
+                              "use n_samples >= 2")
+    if r.mode != "sync":
+        if cfg.job not in ("ppo", "grpo", "online_dpo"):
+            raise ConfigError(f"rollout.mode: {r.mode} overlaps generation with training; job {cfg.job} does not "
+                              "train on rollouts (use sync)")
+        if cfg.placement.mode == "hybrid":
+            raise ConfigError(f"rollout.mode: {r.mode} generates while the learners train, which needs the engines "
+                              "on their own devices; hybrid placement time-shares one GPU (use placement.mode "
+                              "separate or shared, or rollout.mode sync)")
+
+
+def _check_overlong(cfg: "Config") -> None:
+    """The overlong penalty's buffer fits in the responses it shapes."""
+    r = cfg.reward
+    if r.overlong_penalty > 0 and r.overlong_buffer is not None and r.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"reward.overlong_buffer: {r.overlong_buffer} tokens is more than the "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens} a response may have; the penalty "
+                          "grows over the last overlong_buffer tokens before that limit, so give at most that many")
 
 
 def _sync_backend(cfg: "Config", accelerator: Accelerator) -> Literal["gloo", "nccl", "ipc"]:

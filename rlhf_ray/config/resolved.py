@@ -82,6 +82,9 @@ class RLSettings:
     """A reference model exists and its KL is subtracted from the token rewards."""
     whiten_advantages: bool
     """GAE advantages are whitened over the batch (standard PPO practice)."""
+    off_policy_correction: Optional[str] = None
+    """``algo.off_policy_correction`` where the loss applies it; None where pi_old is the engine's own log-probs
+    (``old_logprobs: rollout``): the ratio is 1 by definition and the rollout log-probs are not shipped."""
 
 
 @dataclass(frozen=True)

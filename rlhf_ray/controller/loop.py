@@ -80,6 +80,25 @@ class EpochOrder:
         return self._cache[1][pos]
 
 
+class PromptCursor:
+    """The items of a run in ``EpochOrder``, taken as needed: a run that takes ``items_per_step`` a step gets
+    exactly ``order.batch(step)`` at step ``step``; one that takes more (``algo.filter_groups`` refills) moves on
+    through the same order, across epochs, so every item of an epoch is still taken once."""
+
+    def __init__(self, order: EpochOrder):
+        self.order, self.taken = order, 0
+
+    def take(self, n: int) -> list[int]:
+        """The next ``n`` items."""
+        per_step, out = self.order.schedule.items_per_step, []
+        while len(out) < n:
+            step, offset = divmod(self.taken, per_step)
+            k = min(n - len(out), per_step - offset)
+            out += self.order.batch(step)[offset:offset + k]
+            self.taken += k
+        return out
+
+
 class TrainLoop:
     """A run's shared state (resolved config, roles, schedule, checkpoints) and its life (``run``)."""
 
@@ -134,6 +153,12 @@ class TrainLoop:
     def load_extra_state(self, state: dict[str, Any]) -> None:
         pass
 
+    def save_files(self, directory: Path, step: int) -> None:
+        """Loop state too large for trainer_state.json (e.g. samples in flight), written into checkpoint ``step``."""
+
+    def load_files(self, directory: Path, step: int) -> None:
+        """Read back what ``save_files`` wrote into the checkpoint of ``step``."""
+
     # ---- checkpoints --------------------------------------------------------------------------------
     def save(self, step: int) -> Path:
         """Checkpoint ``step``: every trained group's state, the policy as an HF model, trainer_state.json."""
@@ -141,6 +166,7 @@ class TrainLoop:
         for sub, role in self.state_roles().items():
             role.save(str(staging / sub), {"step": step})
         self.policy.export_hf(str(staging / "model"), self.resolved.paths.tokenizer)
+        self.save_files(staging, step)
         # The config it was trained under, as given and as resolved (what `rlhf-ray train` reloads, like the run's).
         save_config(self.cfg, staging / "config.yaml", self.resolved)
         epoch, pos = self.order.position(step)
@@ -159,6 +185,7 @@ class TrainLoop:
             role.load(str(latest / sub))
         state = CheckpointDir.read_state(latest)
         self.load_extra_state(state)
+        self.load_files(latest, int(state["step"]))
         log.info("resumed from %s at step %d", latest, state["step"])
         self.recoveries.resumed(int(state["step"]), latest)
         return int(state["step"])

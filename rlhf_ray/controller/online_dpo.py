@@ -65,11 +65,10 @@ class OnlineDPOLoop(RolloutLoop):
 
     def step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
-        prompts = self.prompt_batch(step)
         t_step = time.perf_counter()
 
         # 1-2. generate and score
-        batch, gens, rows = self.generate(prompts, timer, step)
+        batch, gens, rows = self.generate(timer, step)
         metrics = self.score(batch, rows, timer)
 
         # 3. pairs
@@ -84,7 +83,7 @@ class OnlineDPOLoop(RolloutLoop):
 
         # 5. sync
         with timer("weight_sync"):
-            sync = self.sync_weights()
+            sync = self.publish_weights()
         return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
 
     def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer) -> dict[str, float]:

@@ -1,6 +1,8 @@
 """Sequence rewards for a rollout batch: reward functions (file, built-in, HTTP) plus a reward-model group.
 
-reward_b = sum_k w_k * f_k(prompt_b, response_b, row_b) + RM(prompt_b + response_b)
+reward_b = sum_k w_k * f_k(prompt_b, response_b, row_b) + RM(prompt_b + response_b) [+ overlong_b]
+
+overlong_b is DAPO's soft overlong punishment (``reward.overlong_penalty``), added in the training jobs only.
 
 Each function runs through ``checked_scores`` (timeout; raises, wrong length, NaN -> ``RewardError``
 naming the function and the sample). The reward model's forward runs on its group while the functions
@@ -17,6 +19,7 @@ from typing import Any, Optional
 
 import torch
 
+from rlhf_ray.algos.reward_shaping import overlong_penalty
 from rlhf_ray.config.schema import DataConfig, RewardConfig
 from rlhf_ray.rewards import CombinedReward, RewardError, build_reward_source, checked_scores
 from rlhf_ray.types import RolloutBatch
@@ -69,11 +72,15 @@ def http_token(cfg: RewardConfig) -> Optional[str]:
 
 
 class RewardScorer:
-    """Scores a ``RolloutBatch``; ``start`` launches the reward model, ``finish`` runs the functions and sums."""
+    """Scores a ``RolloutBatch``; ``start`` launches the reward model, ``finish`` runs the functions and sums.
+
+    ``overlong_max_len``: the response-length limit L_max of the overlong penalty (``rollout.max_new_tokens``),
+    None to leave the rewards unshaped."""
 
     def __init__(self, cfg: RewardConfig, data: DataConfig, reward_model: Any = None, policy_tokenizer=None,
-                 rm_tokenizer=None):
+                 rm_tokenizer=None, overlong_max_len: Optional[int] = None):
         self.cfg, self.data = cfg, data
+        self.overlong_max_len = overlong_max_len
         self.functions = build_function_reward(cfg)
         self.reward_model = reward_model
         self.rm_tokenizer = rm_tokenizer
@@ -85,14 +92,19 @@ class RewardScorer:
 
     @classmethod
     def from_resolved(cls, resolved, reward_model: Any, policy_tokenizer) -> "RewardScorer":
-        """The scorer a job's config describes (the reward model's own tokenizer loaded when there is one)."""
+        """The scorer a job's config describes (the reward model's own tokenizer loaded when there is one); the
+        overlong penalty shapes the rewards of the jobs that train on them (``POLICY_JOBS``) only."""
+        from rlhf_ray.config.resolve import POLICY_JOBS
+
         rm_tok = None
         if resolved.paths.reward_model:
             from transformers import AutoTokenizer
 
             rm_tok = AutoTokenizer.from_pretrained(resolved.paths.reward_model)
         cfg = resolved.config
-        return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok)
+        shaped = cfg.job in POLICY_JOBS and cfg.reward.overlong_penalty > 0
+        return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok,
+                   overlong_max_len=cfg.rollout.max_new_tokens if shaped else None)
 
     def start(self, batch: RolloutBatch, prompts: list[Any]):
         """Start the reward model's forward (if any); returns a handle for ``finish``."""
@@ -103,7 +115,8 @@ class RewardScorer:
 
     def finish(self, batch: RolloutBatch, pending, prompt_texts: list[str],
                row_fields: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
-        """(rewards (B,), metrics): the functions' weighted sum plus the reward model's score."""
+        """(rewards (B,), metrics): the functions' weighted sum plus the reward model's score (plus the overlong
+        penalty where it is on)."""
         B = batch.size
         total = torch.zeros(B, dtype=torch.float32)
         metrics: dict[str, float] = {}
@@ -123,6 +136,11 @@ class RewardScorer:
             total += scores
             metrics["reward/model_mean"] = float(scores.mean())
             metrics["timing/reward_model_s"] = seconds
+        if self.overlong_max_len is not None:
+            shaping = overlong_penalty(batch.response_lengths, self.overlong_max_len, self.cfg.overlong_buffer,
+                                       self.cfg.overlong_penalty)
+            total += shaping
+            metrics["reward/overlong_penalty_mean"] = float(shaping.mean())
         return total, metrics
 
     def _rm_batch(self, batch: RolloutBatch, prompts: list[Any]) -> RolloutBatch:

@@ -1,12 +1,17 @@
 """The RL step (PPO, GRPO and the REINFORCE family), read top to bottom in ``RLLoop.step``:
 
-    1. generate    the vLLM engines sample ``rollout.n_samples`` responses per prompt (token ids + log-probs)
+    1. generate    the vLLM engines sample ``rollout.n_samples`` responses per prompt (token ids + log-probs);
+                   with ``algo.filter_groups`` (DAPO) they are scored at once, and groups whose rewards are all
+                   equal are replaced by groups of the next prompts;
+                   with ``rollout.mode: one_step_off`` they sampled them during the previous step, and now start
+                   on the next batch while this one trains
     2. score       reward functions here, while the reward model, reference, policy (old log-probs,
                    unless ``algo.old_logprobs: update`` takes them from step 4's own forward pass) and
                    critic run their forward passes on their own groups
     3. advantages  KL penalty (in the reward, or later in the loss), then the configured estimator
     4. update      policy (and critic) optimizer steps over mini-batches and epochs
-    5. sync        the policy's new weights into every vLLM engine
+    5. sync        the policy's new weights into every vLLM engine (one step off: when they are idle, at the
+                   start of the next step)
 
 What the step asks of a learner is a typed spec from ``rlhf_ray.objectives`` (``PolicyLoss``, ``ValueLoss``,
 ``TokenLogprobs``...), built once from the resolved config (``rlhf_ray.config.resolve``). Everything
@@ -51,11 +56,13 @@ class RLLoop(RolloutLoop):
     def step(self, step: int) -> dict[str, float]:
         a, rl, roles, timer = self.cfg.algo, self.rl, self.roles, PhaseTimer()
         kl_coef = self.kl.value  # the coefficient this step uses (the adaptive controller moves it at the end)
-        prompts = self.prompt_batch(step)
         t_step = time.perf_counter()
 
-        # 1. generate
-        batch, gens, rows = self.generate(prompts, timer, step)
+        # 1. generate (algo.filter_groups: and score, refilling the groups whose rewards were all equal)
+        if a.filter_groups:
+            batch, gens, rows, metrics = self.varied_batch(step, timer)
+        else:
+            batch, gens, rows = self.generate(timer, step)
 
         # 2. score: remote forwards start first, the reward functions run here meanwhile
         forwards = {}
@@ -65,7 +72,8 @@ class RLLoop(RolloutLoop):
             forwards["reference"] = roles.reference.forward_async(batch, self.logprobs)
         if roles.critic is not None:
             forwards["critic"] = roles.critic.forward_async(batch, TokenValues())
-        metrics = self.score(batch, rows, timer)
+        if not a.filter_groups:
+            metrics = self.score(batch, rows, timer)
         results = {name: f.result() for name, f in forwards.items()}
         for name, (_, seconds) in results.items():
             metrics[f"timing/{name}_s"] = seconds
@@ -95,7 +103,7 @@ class RLLoop(RolloutLoop):
 
         # 5. sync the new policy into the engines
         with timer("weight_sync"):
-            sync = self.sync_weights()
+            sync = self.publish_weights()
 
         if kl is not None:
             self.kl.update(float(masked_mean(kl, mask)), batch.size)
@@ -105,7 +113,8 @@ class RLLoop(RolloutLoop):
         return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
 
     def extra_state(self) -> dict[str, Any]:
-        return {"kl": self.kl.state_dict()}
+        return {**super().extra_state(), "kl": self.kl.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
         self.kl.load_state_dict(state["kl"])

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from rlhf_ray.algos.aggregation import masked_mean
+from rlhf_ray.algos.off_policy import importance_ratio
 
 
 def rollout_metrics(batch: Any, gens: Any, sync: dict[str, float]) -> dict[str, float]:
@@ -45,6 +46,31 @@ def policy_metrics(batch: Any, kl: Optional[torch.Tensor], actor_steps: list[dic
               "actor/skipped_updates": sum(s["skipped_updates"] for s in actor_steps)})
     if any("kl_sum" in s for s in actor_steps):
         m["actor/kl_loss"] = sum(s.get("kl_sum", 0.0) for s in actor_steps) / tokens
+    m.update(importance_metrics(batch, actor_steps))
+    return m
+
+
+def importance_metrics(batch: Any, actor_steps: list[dict]) -> dict[str, float]:
+    """The off-policy correction's ratio rho = pi_old / mu and what it did, per unit of its level (action tokens
+    or sequences, as the learners' ``importance_tokens`` / ``importance_sequences`` counts say); {} where the
+    loss applies none (pi_old is the engine's own).
+
+    ``actor/importance_ratio_mean`` and the fractions of units capped / masked come from the learners' sums.
+    ``actor/importance_ratio_max`` needs pi_old here: it is logged when the batch carries it (a learner pass);
+    with ``old_logprobs: update`` pi_old exists only inside the update and the max is not logged (the learners
+    return sums, which cannot carry a max)."""
+    level = next((lv for lv in ("token", "sequence") if any(f"importance_{lv}s" in s for s in actor_steps)), None)
+    if level is None:
+        return {}
+    units = sum(s[f"importance_{level}s"] for s in actor_steps)
+    per_unit = lambda key: sum(s[key] for s in actor_steps) / max(units, 1.0)  # noqa: E731
+    m = {"actor/importance_ratio_mean": per_unit("importance_ratio_sum"),
+         "actor/importance_capped_fraction": per_unit("importance_capped_sum"),
+         "actor/importance_masked_fraction": per_unit("importance_masked_sum")}
+    if batch.old_logprobs is not None:
+        ratio, counted = importance_ratio(batch.old_logprobs, batch.rollout_logprobs, batch.action_mask, level)
+        if counted.any():
+            m["actor/importance_ratio_max"] = float(ratio[counted.bool()].max())
     return m
 
 

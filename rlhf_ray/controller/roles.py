@@ -8,6 +8,7 @@ split across engines, samples come back as one ``RolloutBatch``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -165,6 +166,53 @@ def merge_rank_metrics(ranks: list[dict]) -> dict[str, float]:
     return merged
 
 
+@dataclass
+class PendingGeneration:
+    """A ``RolloutRole.generate_async`` in flight: one request per engine; ``result()`` waits (bounded) once."""
+
+    refs: list
+    parts: list
+    who: list
+    prompt_ids: list[list[int]]
+    pad_id: int
+    timeout_s: float
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+    _result: Optional[tuple[RolloutBatch, Any]] = None
+
+    def result(self) -> tuple[RolloutBatch, Any]:
+        """The batch (group_index = prompt position) and the merged ``Generations``."""
+        if self._result is None:
+            outs = wait_named(self.refs, self.who, "rollout.generate", self.timeout_s)
+            self._result = merge_generations(self.prompt_ids, self.parts, outs, self.pad_id)
+        return self._result
+
+
+def merge_generations(prompt_ids: list[list[int]], parts: list, outs: list, pad_id: int) -> tuple[RolloutBatch, Any]:
+    """Each engine's ``Generations`` (for prompt positions ``parts[e]``) as one batch and one ``Generations``."""
+    from rlhf_ray.engines.rollout_engine import Generations
+
+    index, tokens, logps, texts, reasons = [], [], [], [], []
+    for part, gen in zip(parts, outs):
+        index.append(part[gen.prompt_index])
+        tokens += gen.token_ids
+        logps += gen.logprobs
+        texts += gen.texts
+        reasons += gen.finish_reasons
+    group_index = np.concatenate(index).tolist()
+    merged = Generations(np.asarray(group_index), tokens, logps, texts, reasons, max(g.seconds for g in outs))
+    return batch_of(prompt_ids, merged, pad_id), merged
+
+
+def batch_of(prompt_ids: list[list[int]], gens: Any, pad_id: int) -> RolloutBatch:
+    """The ``RolloutBatch`` of ``gens`` (samples of ``prompt_ids``, ``gens.prompt_index`` = prompt position)."""
+    group_index = [int(g) for g in gens.prompt_index]
+    batch = RolloutBatch.from_generations([prompt_ids[g] for g in group_index], gens.token_ids, gens.logprobs,
+                                          group_index, pad_id)
+    batch.responses = list(gens.texts)
+    batch.finish_reasons = list(gens.finish_reasons)
+    return batch
+
+
 class RolloutRole:
     """The vLLM engines: generation across engines, log-probs, sleep / wake (weights come in through
     ``rlhf_ray.weight_sync.channel``)."""
@@ -180,8 +228,10 @@ class RolloutRole:
         """``spec.n`` samples of every prompt, prompts split evenly over the engines (a prompt's samples stay
         on one engine, so its prefix is cached once). Returns the batch (group_index = prompt position)
         and the merged ``Generations`` (texts, finish reasons)."""
-        from rlhf_ray.engines.rollout_engine import Generations
+        return self.generate_async(prompt_ids, spec, pad_id).result()
 
+    def generate_async(self, prompt_ids: list[list[int]], spec, pad_id: int) -> "PendingGeneration":
+        """``generate`` started: the engines work while the caller does something else; ``result()`` waits."""
         splits = np.array_split(np.arange(len(prompt_ids)), self.num_engines)
         refs, used, names = [], [], []
         for e, (engine, part) in enumerate(zip(self.group.actors, splits)):
@@ -189,21 +239,7 @@ class RolloutRole:
                 refs.append(engine.generate.remote([prompt_ids[i] for i in part], spec))
                 used.append(part)
                 names.append(self.group.who(e))
-        outs = wait_named(refs, names, "rollout.generate", self.timeout_s)
-        index, tokens, logps, texts, reasons = [], [], [], [], []
-        for part, gen in zip(used, outs):
-            index.append(part[gen.prompt_index])
-            tokens += gen.token_ids
-            logps += gen.logprobs
-            texts += gen.texts
-            reasons += gen.finish_reasons
-        group_index = np.concatenate(index).tolist()
-        merged = Generations(np.asarray(group_index), tokens, logps, texts, reasons,
-                             max(g.seconds for g in outs))
-        batch = RolloutBatch.from_generations([prompt_ids[g] for g in group_index], tokens, logps, group_index, pad_id)
-        batch.responses = texts
-        batch.finish_reasons = reasons
-        return batch, merged
+        return PendingGeneration(refs, used, names, prompt_ids, pad_id, self.timeout_s)
 
     def sequence_logprobs(self, sequences: list[list[int]], engine: int = 0) -> list[np.ndarray]:
         """Log-probs of tokens 1.. of each sequence under engine ``engine``'s current weights."""

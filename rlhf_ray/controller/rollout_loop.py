@@ -1,16 +1,31 @@
 """What the rollout loops (``RLLoop``, ``OnlineDPOLoop``) share: prompts, generation, scoring, weight sync,
-hybrid memory moves, evaluation and the efficiency report of a step."""
+hybrid memory moves, evaluation and the efficiency report of a step.
+
+Where a step's samples come from (``rollout.mode``):
+
+    sync           step k generates its batch with the weights of every update so far (v_k), trains, syncs
+    one_step_off   step k trains on the batch the engines generated during step k-1 (with v_{k-1}): it takes
+                   that batch, syncs v_k into the now idle engines, starts them on batch k+1 and trains on batch
+                   k meanwhile, so generation overlaps scoring, reference / critic forwards and the update. Each
+                   sample is one policy version old (``rollout/staleness``); the off-policy correction against
+                   the engine's own log-probs (``algo.off_policy_correction``) accounts for it.
+
+Checkpoints of a one_step_off run hold the batch in flight (``rollouts_ahead.pt``): a resumed run trains on the
+very samples the uninterrupted run trained on.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import numpy as np
+import torch
 
-from rlhf_ray.controller.loop import Schedule, TrainLoop
+from rlhf_ray.controller.loop import PromptCursor, Schedule, TrainLoop
 from rlhf_ray.controller.recovery import classify
 from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
 from rlhf_ray.controller.rl_metrics import rollout_metrics
@@ -28,6 +43,32 @@ if TYPE_CHECKING:
     from rlhf_ray.data.prompts import PromptSet
 
 T = TypeVar("T")
+AHEAD_FILE = "rollouts_ahead.pt"
+
+
+@dataclass
+class Ahead:
+    """Samples for a later step, generated while the current one trains (``rollout.mode: one_step_off``)."""
+
+    step: int
+    """The step that trains on them."""
+    indices: list[int]
+    """Their prompts' positions in the prompt set (taken from the cursor when the engines started on them)."""
+    pending: Any
+    """A ``PendingGeneration`` (``result()`` -> batch, generations), or those already at hand (``Done``)."""
+    version: int
+    """The policy version (updates applied) of the weights that sampled them."""
+
+
+@dataclass
+class Done:
+    """A finished generation, as ``PendingGeneration`` is once it has its result."""
+
+    batch: Any
+    gens: Any
+
+    def result(self) -> tuple[Any, Any]:
+        return self.batch, self.gens
 
 
 class RolloutLoop(TrainLoop):
@@ -50,6 +91,15 @@ class RolloutLoop(TrainLoop):
         assert resolved.sync is not None
         self.channel = SyncChannel(self.policy, roles.rollout, resolved.sync, self.cfg.train.timeout_s)
         self.channel.open()
+        self.one_step_off = self.cfg.rollout.mode == "one_step_off"
+        self.version = 0
+        """Updates applied to the policy (the step in progress; set by ``before_run`` on resume)."""
+        self.engine_version = 0
+        """Updates applied to the weights the engines hold (they start with ``model.path``: version 0)."""
+        self.ahead: Optional[Ahead] = None
+        self.cursor = PromptCursor(self.order)
+        """Where the run is in its prompts' epoch order (checkpointed: a resumed run takes the prompts next)."""
+        self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -58,6 +108,7 @@ class RolloutLoop(TrainLoop):
         return roles
 
     def before_run(self, start: int) -> dict[str, float]:
+        self.version = self.engine_version = start
         if start or self.cfg.model.lora.load_in_4bit:
             # The engines loaded model.path. A resumed policy is another model, and so is a QLoRA one (its base
             # is the 4-bit rounding of those weights): give the engines its weights before the first rollout.
@@ -68,33 +119,171 @@ class RolloutLoop(TrainLoop):
             self.roles.rollout.wake_up()
         return {}
 
+    def save_files(self, directory: Path, step: int) -> None:
+        """One step off: the batch the engines are generating for ``step`` (finished first), so that a resumed
+        run trains on the samples this one would have."""
+        if self.ahead is None or self.ahead.step != step:
+            return
+        batch, gens = self.on_engines(self.ahead.pending.result)
+        self.ahead = dataclasses.replace(self.ahead, pending=Done(batch, gens))
+        torch.save({"step": step, "version": self.ahead.version, "generations": gens.to_state(),
+                    "prompt_indices": list(self.ahead.indices)}, directory / AHEAD_FILE)
+
+    def load_files(self, directory: Path, step: int) -> None:
+        path = directory / AHEAD_FILE
+        if not path.exists() or not self.one_step_off:
+            return  # a sync run resumed from a one_step_off checkpoint samples that step anew
+        from rlhf_ray.controller.roles import batch_of
+        from rlhf_ray.engines.rollout_engine import Generations
+
+        saved = torch.load(path, weights_only=True)
+        gens = Generations.from_state(saved["generations"])
+        indices = [int(i) for i in saved["prompt_indices"]]
+        batch = batch_of([self.prompts[i].prompt_ids for i in indices], gens, self.tokenizer.pad_token_id)
+        self.ahead = Ahead(step, indices, Done(batch, gens), int(saved["version"]))
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"prompts_taken": self.cursor.taken}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        per_step = self.schedule.items_per_step
+        self.cursor.taken = int(state.get("prompts_taken", state["step"] * per_step))
+
     # ---- pieces of a step ---------------------------------------------------------------------------
-    def prompt_batch(self, step: int) -> list:
-        """The prompts of ``step`` (epochs over the prompt set, reshuffled per epoch)."""
-        return [self.prompts[i] for i in self.order.batch(step)]
+    def sampling_seed(self, step: int, round_: int = 0) -> int:
+        """The seed of ``step``'s sampling (round ``round_`` of its refills): a function of (engine seed, step,
+        round) only."""
+        key = [self.resolved.role("rollout").seed, step] + ([round_] if round_ else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0])
 
-    def sampling_seed(self, step: int) -> int:
-        """The seed of ``step``'s sampling: a function of (engine seed, step) only."""
-        return int(np.random.SeedSequence([self.resolved.role("rollout").seed, step]).generate_state(1)[0])
+    def generate(self, timer: PhaseTimer, step: int, n_prompts: Optional[int] = None,
+                 round_: int = 0) -> tuple[Any, Any, list]:
+        """``rollout.n_samples`` responses to each of the next ``n_prompts`` prompts (default: a step's) as a
+        ``RolloutBatch`` (with prompt texts and row fields, ``batch.staleness``), the raw generations, and each
+        sequence's prompt example: sampled now, or (one step off) taken from the engines' work during the
+        previous step, which then start on the next batch.
 
-    def generate(self, prompts: list, timer: PhaseTimer, step: int) -> tuple[Any, Any, list]:
-        """``rollout.n_samples`` responses per prompt as a ``RolloutBatch`` (with prompt texts and row fields),
-        the raw generations, and each sequence's prompt example. The engines are reseeded for ``step`` first,
-        so a run resumed at any step, or an engine replaced mid-step, draws the samples an uninterrupted run
-        drew."""
+        The engines are reseeded for the step (and refill round) they sample for, so a run resumed at any step,
+        or an engine replaced mid-step, draws the samples an uninterrupted run drew."""
+        fresh = self.ahead is None or self.ahead.step != step or round_ > 0
+        ahead = None if fresh else self.ahead
+        if ahead is not None:
+            self.ahead = None
+            indices = ahead.indices
+        else:
+            indices = self.cursor.take(n_prompts or self.schedule.items_per_step)
+        prompts = [self.prompts[i] for i in indices]
+        if self.hybrid and round_ > 0:  # a refill: the learners hold the GPUs since the last round; hand them back
+            with timer("sleep_wake"):
+                for role in self.roles.learners():
+                    role.offload()
+                self.roles.rollout.wake_up()
+
         def sample() -> tuple[Any, Any]:
-            self.roles.rollout.reseed(self.sampling_seed(step))
+            self.roles.rollout.reseed(self.sampling_seed(step, round_))
             return self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
                                                self.tokenizer.pad_token_id)
 
-        with timer("generate"):
-            batch, gens = self.on_engines(sample)
+        with timer("generate"):  # one step off: the wait for what the engines generated meanwhile
+            if ahead is not None:
+                taken = []
+
+                def take() -> tuple[Any, Any]:
+                    if taken:  # an engine died on it and was replaced: sample anew under the current weights
+                        return sample()
+                    taken.append(True)
+                    return ahead.pending.result()
+
+                batch, gens = self.on_engines(take)
+                version = ahead.version if len(taken) == 1 else self.engine_version
+            else:
+                batch, gens = self.on_engines(sample)
+                version = self.engine_version
+        batch.staleness = step - version
+        if self.one_step_off and step + 1 < self.schedule.total_steps and not round_:
+            self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
                 self.roles.rollout.sleep()
                 for role in self.roles.learners():
                     role.reload()
         return batch, gens, attach_prompts(batch, prompts)
+
+    def varied_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
+        """DAPO's dynamic sampling (``algo.filter_groups``): generate and score a step's prompts, keep the groups
+        whose rewards differ (``algos.filtering.varied_groups``), and sample the shortfall from the next prompts,
+        for at most ``algo.max_filter_rounds`` more rounds; still short, the batch is topped up with dropped groups
+        (zero advantage) so that its shape holds. Returns (batch with rewards, generations, rows, metrics): the
+        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts."""
+        from rlhf_ray.algos.filtering import varied_groups
+        from rlhf_ray.controller.roles import batch_of
+        from rlhf_ray.engines.rollout_engine import Generations
+
+        need, B = self.schedule.items_per_step, self.schedule.items_per_step
+        kept, flat, metrics, seconds, round_, taken = [], [], {}, 0.0, 0, 0
+        while True:
+            batch, gens, rows = self.generate(timer, step, need, round_)
+            taken += need
+            scored = self.score(batch, rows, timer)
+            metrics = metrics or scored
+            seconds += gens.seconds
+            varied = set(varied_groups(batch.rewards, batch.group_index))
+            for g in dict.fromkeys(batch.group_index.tolist()):
+                at = (batch.group_index == g).nonzero().flatten().tolist()
+                group = (rows[at[0]], [gens.token_ids[i] for i in at], [gens.logprobs[i] for i in at],
+                         [gens.texts[i] for i in at], [gens.finish_reasons[i] for i in at], batch.rewards[at])
+                (kept if g in varied else flat).append(group)
+            if len(kept) >= B or round_ == self.cfg.algo.max_filter_rounds:
+                break
+            round_, need = round_ + 1, B - len(kept)
+        chosen = kept[:B] + flat[:B - len(kept[:B])]
+        prompts = [c[0] for c in chosen]
+        index = [g for g, c in enumerate(chosen) for _ in c[1]]
+        merged = Generations(np.asarray(index), [t for c in chosen for t in c[1]], [lp for c in chosen for lp in c[2]],
+                             [x for c in chosen for x in c[3]], [r for c in chosen for r in c[4]], seconds)
+        out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
+        out.rewards = torch.cat([c[5] for c in chosen])
+        metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
+                        "filter/kept_groups": float(min(len(kept), B)),
+                        "filter/dropped_groups": float(len(flat)),
+                        "filter/topped_up_groups": float(max(0, B - len(kept)))})
+        return out, merged, attach_prompts(out, prompts), metrics
+
+    def start_ahead(self, step: int, timer: PhaseTimer) -> None:
+        """Bring the idle engines up to the policy's version, then start them on ``step``'s batch (one step off)."""
+        with timer("weight_sync"):
+            self.engines_current()
+        indices = self.cursor.take(self.schedule.items_per_step)
+        prompts = [self.prompts[i] for i in indices]
+
+        def launch() -> Any:
+            self.roles.rollout.reseed(self.sampling_seed(step))
+            return self.roles.rollout.generate_async([p.prompt_ids for p in prompts], self.spec,
+                                                     self.tokenizer.pad_token_id)
+
+        self.ahead = Ahead(step, indices, self.on_engines(launch), self.engine_version)
+
+    def engines_current(self) -> None:
+        """Sync the policy into the engines if an update is not in them yet (one step off defers each step's
+        sync to here: the engines were busy with the next batch when the update finished). A batch they are
+        generating is finished first and kept for its step."""
+        if self.ahead is not None:
+            batch, gens = self.on_engines(self.ahead.pending.result)
+            self.ahead = dataclasses.replace(self.ahead, pending=Done(batch, gens))
+        if self.engine_version < self.version:
+            self.last_sync = self.sync_weights()
+            self.engine_version = self.version
+
+    def publish_weights(self) -> dict[str, float]:
+        """Step 5, after the update: sync the new policy into the engines now, or (one step off) at the start of
+        the next step, when they are idle. Returns the seconds and bytes of the sync done in this step."""
+        self.version += 1
+        if self.one_step_off:
+            synced, self.last_sync = self.last_sync, {"seconds": 0.0, "bytes": 0.0}
+            return synced
+        result = self.sync_weights()
+        self.engine_version = self.version
+        return result
 
     def score(self, batch, rows: list, timer: PhaseTimer) -> dict[str, float]:
         """Fill ``batch.rewards`` (reward functions here, the reward model on its group); returns reward metrics."""
@@ -116,6 +305,7 @@ class RolloutLoop(TrainLoop):
                 self.roles.replace_engines(fault.engines)
                 self.channel.open()
                 synced = self.channel.push()
+                self.engine_version = self.version
                 if not redo:
                     return synced  # type: ignore[return-value]
 
@@ -134,10 +324,14 @@ class RolloutLoop(TrainLoop):
                        t_step: float) -> dict[str, float]:
         """Add rollout statistics, phase timings, throughput and the efficiency report of the step from ``t_step``."""
         metrics.update(rollout_metrics(batch, gens, sync))
+        metrics["rollout/staleness"] = float(batch.staleness)
+        # The engines' own seconds on this batch (one step off: spent while the previous step trained). Not a
+        # timing/ phase: the step's phases add up to its wall time, and this one overlaps them.
+        metrics["rollout/generate_engine_s"] = gens.seconds
         metrics.update(timer.pop())
         metrics["timing/step_s"] = time.perf_counter() - t_step
         metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
-        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(metrics["timing/generate_s"], 1e-9)
+        metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(gens.seconds, 1e-9)
         sh = self.shapes
         trainable = self.policy.trainable_params if self.cfg.model.lora.enabled else None
         counts = rl_step_counts(batch, self.resolved, metrics.get("weight_sync/bytes", 0.0), sh["policy"],
@@ -153,6 +347,7 @@ class RolloutLoop(TrainLoop):
     def evaluate(self) -> dict[str, float]:
         """Mean reward of one greedy response per held-out prompt (``data.eval_fraction`` / ``eval_path``)."""
         prompts = list(self.eval_prompts)
+        self.engines_current()
         spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
         batch, _ = self.on_engines(lambda: self.roles.rollout.generate([p.prompt_ids for p in prompts], spec,
                                                                        self.tokenizer.pad_token_id))

@@ -68,6 +68,21 @@ class Generations:
     finish_reasons: list[str]
     seconds: float = 0.0
 
+    def to_state(self) -> dict[str, Any]:
+        """As tensors, strings and numbers (what ``torch.load(weights_only=True)`` reads back)."""
+        import torch
+
+        return {"prompt_index": torch.as_tensor(self.prompt_index), "texts": list(self.texts),
+                "token_ids": [torch.tensor(t) for t in self.token_ids],
+                "logprobs": [torch.tensor(lp) for lp in self.logprobs],
+                "finish_reasons": list(self.finish_reasons), "seconds": float(self.seconds)}
+
+    @staticmethod
+    def from_state(state: dict[str, Any]) -> "Generations":
+        return Generations(state["prompt_index"].numpy(), [t.numpy() for t in state["token_ids"]],
+                           [lp.numpy() for lp in state["logprobs"]], list(state["texts"]),
+                           list(state["finish_reasons"]), float(state["seconds"]))
+
     @property
     def num_tokens(self) -> int:
         return int(sum(len(t) for t in self.token_ids))

@@ -6,8 +6,8 @@ dr_grpo = r - mean with ``algo.loss_agg: seq_mean_token_sum_norm`` (Liu et al. 2
 leave-one-out mean, reinforce_pp(_baseline) = batch-whitened returns (Hu 2025)). The KL penalty to
 the reference model is off by default (``algo.kl_coef: 0``), following DAPO / Dr. GRPO; set it to add
 a reference group (k3 in the loss, as in the GRPO paper). Departures from the paper: the ratio is
-corrected for the rollout engine's own log-probs (``algo.importance_cap``, truncated importance
-sampling), and group advantages use the unbiased std. With the defaults (one optimizer step per batch, no
+corrected for the rollout engine's own log-probs (``algo.off_policy_correction``: token_tis by default,
+truncated importance sampling at ``algo.importance_cap``), and group advantages use the unbiased std. With the defaults (one optimizer step per batch, no
 reference) pi_old is the update's own forward pass, detached (``algo.old_logprobs: auto``), so a step runs
 no separate old-log-prob pass.
 

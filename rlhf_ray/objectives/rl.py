@@ -17,7 +17,8 @@ import torch
 from rlhf_ray.algos.aggregation import agg_loss
 from rlhf_ray.algos.kl import kl_penalty
 from rlhf_ray.algos.logprobs import entropy_from_logits, gather_token_logprobs
-from rlhf_ray.algos.policy_loss import get_policy_loss, truncated_importance_weights, value_loss
+from rlhf_ray.algos.off_policy import ImportanceWeights, OffPolicyParams, get_off_policy_correction
+from rlhf_ray.algos.policy_loss import get_policy_loss, get_ratio_level, value_loss
 from rlhf_ray.objectives.common import SEQUENCE_FIELDS, BatchTotals, causal_lm_logits
 
 if TYPE_CHECKING:
@@ -28,15 +29,23 @@ if TYPE_CHECKING:
 class PolicyLoss:
     """Policy-gradient loss of one micro-batch.
 
-    per-token loss = w_t * L_pg(logp_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
-    aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. w_t = min(exp(old_t - rollout_t),
-    importance_cap) corrects for the engine's sampling distribution differing from the learner's (None: w = 1);
-    the KL term is present only when the reference KL goes into the loss (``kl_in_loss``).
+    per-token loss = w_t * L_pg(logp'_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
+    aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. logp' = logp at ``ratio_level`` token (PPO's
+    ratio per token); at sequence, GSPO's rewrite (``algos.policy_loss.sequence_ratio``) whose ratio to old_t is
+    the sequence's geometric-mean ratio, clipped by ``clip_low`` / ``clip_high`` (the config's sequence clip
+    range then). w_t, detached, corrects for the engine's sampling distribution differing from the learner's:
+    ``off_policy_correction`` names the function of ``rlhf_ray.algos.off_policy`` that derives it from
+    exp(old_t - rollout_t) (None: pi_old is the engine's own, w = 1, no rollout log-probs needed); the KL term is
+    present only when the reference KL goes into the loss (``kl_in_loss``).
 
     ``old_from_update`` (``algo.old_logprobs: update``): old_t = logp_t detached, this forward pass being the
     first of the step's only optimizer step (ratio 1, gradient A_t * grad logp_t); the micro-batch then
     carries no ``old_logprobs``, and ``old_rollout_absdiff_sum`` = sum |old_t - rollout_t| reports the
     learner-vs-vLLM gap a separate pi_old pass would have.
+
+    Metric sums of the correction (``importance_metric_sums``): over its units, action tokens
+    (``importance_tokens``) or sequences (``importance_sequences``), the sum of the ratio rho it saw and the
+    number of units it capped or masked.
     """
 
     policy_loss: str
@@ -48,8 +57,12 @@ class PolicyLoss:
     entropy_coef: float
     kl_estimator: str
     kl_in_loss: bool
-    importance_cap: Optional[float]
+    off_policy_correction: Optional[str]
     old_from_update: bool
+    off_policy: OffPolicyParams = OffPolicyParams()
+    """The correction's cap and band."""
+    ratio_level: str = "token"
+    """``algo.ratio_level``: token (PPO) or sequence (GSPO)."""
     kl_coef: float = 0.0
     """This step's coefficient (the adaptive controller moves it): ``with_kl_coef`` per step."""
 
@@ -58,12 +71,15 @@ class PolicyLoss:
         """The policy loss the config asks for; ``kl_coef`` is set per step."""
         a, rl = resolved.config.algo, resolved.rl
         assert rl is not None, "the policy loss belongs to jobs ppo and grpo"
-        return cls(policy_loss=a.policy_loss, clip_low=a.clip_ratio_low, clip_high=a.clip_ratio_high,
-                   dual_clip=a.dual_clip, loss_agg=a.loss_agg, temperature=resolved.config.rollout.temperature,
-                   entropy_coef=a.entropy_coef, kl_estimator=a.kl_estimator, kl_in_loss=rl.kl_in_loss,
-                   # With pi_old from the rollout engine itself, w_t = 1 by definition.
-                   importance_cap=a.importance_cap if rl.old_logprobs in ("learner", "update") else None,
-                   old_from_update=rl.old_logprobs == "update")
+        # importance_cap may be null where no truncating correction reads it.
+        params = OffPolicyParams(cap=a.importance_cap if a.importance_cap is not None else OffPolicyParams.cap,
+                                 low=a.importance_mask_low, high=a.importance_mask_high)
+        sequence = a.ratio_level == "sequence"  # GSPO clips its sequence ratio with a range of its own
+        return cls(policy_loss=a.policy_loss, clip_low=a.sequence_clip_ratio_low if sequence else a.clip_ratio_low,
+                   clip_high=a.sequence_clip_ratio_high if sequence else a.clip_ratio_high, dual_clip=a.dual_clip,
+                   loss_agg=a.loss_agg, temperature=resolved.config.rollout.temperature, entropy_coef=a.entropy_coef, kl_estimator=a.kl_estimator, kl_in_loss=rl.kl_in_loss,
+                   off_policy_correction=rl.off_policy_correction, old_from_update=rl.old_logprobs == "update",
+                   off_policy=params, ratio_level=a.ratio_level)
 
     def with_kl_coef(self, kl_coef: float) -> "PolicyLoss":
         """This spec with the step's KL coefficient (0 when the KL is not in the loss)."""
@@ -75,7 +91,7 @@ class PolicyLoss:
         out = SEQUENCE_FIELDS + ("action_mask", "advantages")
         if not self.old_from_update:
             out += ("old_logprobs",)
-        if self.old_from_update or self.importance_cap is not None:
+        if self.old_from_update or self.off_policy_correction is not None:
             out += ("rollout_logprobs",)
         if self.kl_in_loss:
             out += ("ref_logprobs",)
@@ -88,12 +104,16 @@ class PolicyLoss:
         logp = gather_token_logprobs(logits, mb["input_ids"][:, 1:])
         mask = mb["action_mask"].float()
         old = logp.detach() if self.old_from_update else mb["old_logprobs"]
-        pg_mat, clipped = get_policy_loss(self.policy_loss)(logp, old, mb["advantages"], self.clip_low,
+        ratio_logp = get_ratio_level(self.ratio_level)(logp, old, mask)
+        pg_mat, clipped = get_policy_loss(self.policy_loss)(ratio_logp, old, mb["advantages"], self.clip_low,
                                                             self.clip_high, self.dual_clip)
-        if self.importance_cap is not None:
-            pg_mat = pg_mat * truncated_importance_weights(old, mb["rollout_logprobs"], self.importance_cap)
-        total = pg_mat
         metrics: dict[str, float] = {}
+        if self.off_policy_correction is not None:
+            weights = get_off_policy_correction(self.off_policy_correction)(old, mb["rollout_logprobs"], mask,
+                                                                            self.off_policy)
+            pg_mat = pg_mat * weights.weights
+            metrics.update(importance_metric_sums(weights))
+        total = pg_mat
         if self.old_from_update:
             metrics["old_rollout_absdiff_sum"] = float(((old - mb["rollout_logprobs"]).abs() * mask).sum())
         if self.kl_coef > 0:
@@ -118,6 +138,17 @@ class PolicyLoss:
                 "action_tokens": float(mask.sum()),
             })
         return loss * totals.grad_scale, metrics
+
+
+def importance_metric_sums(weights: ImportanceWeights) -> dict[str, float]:
+    """A correction's metric sums over its units (``ImportanceWeights.units``): the count under
+    ``importance_tokens`` or ``importance_sequences`` (which names the level), and the sums of the ratio rho and
+    of the units capped and masked (``rl_metrics.policy_metrics`` divides them by the count)."""
+    units = weights.units
+    return {f"importance_{weights.level}s": float(units.sum()),
+            "importance_ratio_sum": float((weights.ratio * units).sum()),
+            "importance_capped_sum": float((weights.capped * units).sum()),
+            "importance_masked_sum": float((weights.masked * units).sum())}
 
 
 def token_values(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Exact resume and automatic recovery on the real stack: a GRPO run that is resumed or whose engine is really
-killed (SIGKILL) or frozen (SIGSTOP) mid-run, and a PPO run (critic, adaptive KL, reward function) whose learner
-rank is killed, log every step once with the metrics of the uninterrupted run.
+"""Exact resume and automatic recovery on the real stack: a GRPO run that is resumed, or whose engine is really
+killed (SIGKILL) and then frozen (SIGSTOP) mid-run, and a one-step-off PPO run (critic, adaptive KL, a batch in
+flight at every checkpoint) whose learner rank is killed, log every step once with the metrics of the
+uninterrupted run.
 
 Why equality and not a tolerance: on CPU every step is deterministic given the weights and the sampling seed,
 the engines are reseeded per step (``RolloutLoop.sampling_seed``), and a checkpoint restores the learners'
@@ -25,17 +26,22 @@ from rlhf_ray.metrics import read_metrics
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 STEPS = 4
 FAULT_STEP = 2
-"""0-based: the fault comes at the start of step 3, after the checkpoint of step 2."""
+"""0-based: a learner fault comes at the start of step 3, after the checkpoint of step 2."""
 
 
 def _grpo(tiny_model_dir, out: Path, steps: int = STEPS, loop_cls=None, **values) -> list[dict]:
-    return _rl("grpo", tiny_model_dir, out, steps, loop_cls, **values)
+    """The GRPO example with a reward that varies within every group (the math reward is 0 for an untrained
+    model, which would make every update zero and a lost or repeated update invisible)."""
+    return _rl("grpo", tiny_model_dir, out, steps, loop_cls,
+               **{"reward.functions": [str(Path(__file__).with_name("parity_reward.py"))], **values})
 
 
 def _ppo(tiny_model_dir, out: Path, loop_cls=None) -> list[dict]:
-    """The PPO example without its trained reward model (the math reward alone): a critic, GAE, 2 mini-batches x
-    2 epochs (old log-probs from the learner) and the adaptive KL controller, all restored by a resume."""
-    return _rl("ppo", tiny_model_dir, out, STEPS, loop_cls, **{"reward.model": None, "learner.micro_batch_size": 4})
+    """The PPO example without its trained reward model (the math reward alone), one step off: a critic, GAE,
+    2 mini-batches x 2 epochs (old log-probs from the learner), the adaptive KL controller and the batch the
+    engines generate during each step, all restored by a resume."""
+    return _rl("ppo", tiny_model_dir, out, STEPS, loop_cls, **{"reward.model": None, "learner.micro_batch_size": 4,
+                                                               "rollout.mode": "one_step_off"})
 
 
 def _rl(job: str, tiny_model_dir, out: Path, steps: int, loop_cls, **values) -> list[dict]:
@@ -50,14 +56,17 @@ def _rl(job: str, tiny_model_dir, out: Path, steps: int, loop_cls, **values) -> 
 
 
 def _compared(rows: list[dict]) -> list[dict]:
-    """Each step's rollout, policy, critic and KL metrics (what a lost, repeated or re-sampled step changes)."""
-    keys = [k for k in rows[0] if k.startswith(("rollout/", "actor/", "critic/", "kl/"))]
+    """Each step's rollout, policy, critic and KL metrics (what a lost, repeated or re-sampled step changes), less
+    wall-clock seconds."""
+    keys = [k for k in rows[0] if k.startswith(("rollout/", "actor/", "critic/", "kl/")) and not k.endswith("_s")]
     assert len(keys) > 10
     return [{k: r[k] for k in ["step", *keys]} for r in rows]
 
 
 def _uninterrupted(rows: list[dict]) -> list[dict]:
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # Every step updates the policy: a lost or repeated update would change the later steps' metrics.
+    assert all(r["actor/grad_norm"] > 0 for r in rows), [r["actor/grad_norm"] for r in rows]
     assert all(r["recovery/restarts"] == r["recovery/engine_replacements"] == 0 for r in rows)
     return _compared(rows)
 
@@ -70,21 +79,25 @@ def straight(ray_cluster, tiny_model_dir, tmp_path_factory) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def straight_ppo(ray_cluster, tiny_model_dir, tmp_path_factory) -> list[dict]:
-    return _uninterrupted(_ppo(tiny_model_dir, tmp_path_factory.mktemp("straight_ppo") / "run"))
+    rows = _ppo(tiny_model_dir, tmp_path_factory.mktemp("straight_ppo") / "run")
+    # Step 1 trains on samples of the initial weights (nothing overlapped yet); every later step on samples of
+    # the weights one update older than the policy it trains.
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 1, 1]
+    return _uninterrupted(rows)
 
 
-def _faulty(fault: Callable[[object], None]) -> type:
-    """``RLLoop`` that calls ``fault(loop)`` once, at the start of step ``FAULT_STEP`` (test scaffolding: the
+def _faulty(faults: dict[int, Callable[[object], None]]) -> type:
+    """``RLLoop`` that calls ``faults[s](loop)`` once, at the start of step ``s`` (0-based; test scaffolding: each
     fault itself is a real signal to a real process)."""
     from rlhf_ray.controller.rl_loop import RLLoop
 
-    fired = []
+    fired = set()
 
     class FaultyLoop(RLLoop):
         def step(self, step: int) -> dict[str, float]:
-            if step == FAULT_STEP and not fired:
-                fired.append(step)
-                fault(self)
+            if step in faults and step not in fired:
+                fired.add(step)
+                faults[step](self)
             return super().step(step)
 
     return FaultyLoop
@@ -110,32 +123,14 @@ def test_a_resumed_grpo_run_reproduces_the_uninterrupted_one(straight, tiny_mode
     assert _compared(resumed) == straight
 
 
-def test_a_killed_engine_is_replaced_in_place_and_the_step_redone(straight, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    rows = _grpo(tiny_model_dir, out, loop_cls=_faulty(lambda loop: os.kill(_pid(loop, "rollout", 0), signal.SIGKILL)))
-    assert _compared(rows) == straight  # every step logged once, each with the uninterrupted run's metrics
-    assert [(r["recovery/engine_replacements"], r["recovery/restarts"]) for r in rows] == [
-        (0, 0), (0, 0), (1, 0), (1, 0)]
-    [record] = _recoveries(out)
-    assert record["step"] == FAULT_STEP + 1 and record["action"] == "replace_engines" and record["engines"] == [0]
-    assert "rollout[rank 0]" in record["cause"] and "died" in record["cause"]
-
-
-def test_a_killed_learner_rank_restarts_the_roles_and_resumes_ppo_exactly(straight_ppo, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    rows = _ppo(tiny_model_dir, out, loop_cls=_faulty(lambda loop: os.kill(_pid(loop, "actor", 1), signal.SIGKILL)))
-    assert _compared(rows) == straight_ppo  # steps 3-4 redone from the step-2 checkpoint, each logged once
-    assert any(k.startswith("critic/") for k in straight_ppo[0])
-    assert [r["recovery/restarts"] for r in rows] == [0, 0, 1, 1]
-    record, resumed = _recoveries(out)
-    assert record["action"] == "restart" and "actor[rank 1]" in record["cause"] and "died" in record["cause"]
-    assert resumed["action"] == "resumed" and resumed["step"] == FAULT_STEP  # from the step-2 checkpoint, not 0
-    assert resumed["checkpoint"].endswith("step_000002")
-
-
-def test_a_frozen_engine_times_out_naming_it_and_is_replaced(straight, tiny_model_dir, tmp_path):
-    """SIGSTOP: the engine's process lives but answers nothing; the call past ``train.timeout_s`` names it."""
+def test_a_killed_and_then_a_frozen_engine_are_replaced_in_place(straight, tiny_model_dir, tmp_path):
+    """SIGKILL at step 2: the engine's death names it. SIGSTOP of its replacement at step 3: the process lives
+    but answers nothing, and the call past ``train.timeout_s`` names it. Each time a new engine takes the bundle,
+    the policy's weights are synced into it and the call is redone; the learners never restart."""
     frozen = []
+
+    def kill(loop) -> None:
+        os.kill(_pid(loop, "rollout", 0), signal.SIGKILL)
 
     def freeze(loop) -> None:
         frozen.append(_pid(loop, "rollout", 0))
@@ -143,14 +138,35 @@ def test_a_frozen_engine_times_out_naming_it_and_is_replaced(straight, tiny_mode
 
     out = tmp_path / "run"
     try:
-        rows = _grpo(tiny_model_dir, out, loop_cls=_faulty(freeze), **{"train.timeout_s": 20})
+        rows = _grpo(tiny_model_dir, out, loop_cls=_faulty({1: kill, 2: freeze}), **{"train.timeout_s": 20})
     finally:
-        try:
-            os.kill(frozen[0], signal.SIGKILL)  # normally gone already: the recovery killed it
-        except (ProcessLookupError, IndexError):
-            pass
-    assert _compared(rows) == straight
-    [record] = _recoveries(out)
-    assert record["action"] == "replace_engines" and record["engines"] == [0]
-    assert "no answer from rollout[rank 0]" in record["cause"] and "within 20 s" in record["cause"]
+        for pid in frozen:  # normally gone already: the recovery killed it
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert _compared(rows) == straight  # every step logged once, each with the uninterrupted run's metrics
+    assert [(r["recovery/engine_replacements"], r["recovery/restarts"]) for r in rows] == [
+        (0, 0), (1, 0), (2, 0), (2, 0)]
+    killed, stalled = _recoveries(out)
+    assert (killed["step"], killed["action"], killed["engines"]) == (2, "replace_engines", [0])
+    assert "rollout[rank 0]" in killed["cause"] and "died" in killed["cause"]
+    assert (stalled["step"], stalled["action"], stalled["engines"]) == (3, "replace_engines", [0])
+    assert "no answer from rollout[rank 0]" in stalled["cause"] and "within 20 s" in stalled["cause"]
 
+
+def test_a_killed_learner_rank_restarts_the_roles_and_resumes_ppo_exactly(straight_ppo, tiny_model_dir, tmp_path):
+    """The run resumes from the step-2 checkpoint, which holds the batch the engines had generated for step 3
+    with the step-1 weights; training on it (not on a batch sampled anew with the step-2 weights) is part of
+    what makes every step equal the uninterrupted run's."""
+    out = tmp_path / "run"
+    kill = _faulty({FAULT_STEP: lambda loop: os.kill(_pid(loop, "actor", 1), signal.SIGKILL)})
+    rows = _ppo(tiny_model_dir, out, loop_cls=kill)
+    assert (out / "checkpoints" / "step_000002" / "rollouts_ahead.pt").exists()
+    assert _compared(rows) == straight_ppo  # steps 3-4 redone from the step-2 checkpoint, each logged once
+    assert any(k.startswith("critic/") for k in straight_ppo[0])
+    assert [r["recovery/restarts"] for r in rows] == [0, 0, 1, 1]
+    record, resumed = _recoveries(out)
+    assert record["action"] == "restart" and "actor[rank 1]" in record["cause"] and "died" in record["cause"]
+    assert resumed["action"] == "resumed" and resumed["step"] == FAULT_STEP  # from the step-2 checkpoint, not 0
+    assert resumed["checkpoint"].endswith("step_000002")

@@ -33,16 +33,19 @@ def _assert_synced_every_step(rows: list[dict]) -> None:
     assert diffs and max(diffs) < 1e-3, diffs
 
 
-def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "one_step_off"])
+def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path, mode):
     """`rlhf-ray train examples/grpo_tiny_cpu.yaml` as its own process on this Ray cluster, placement separate:
     a random-init model learns to repeat the number in the prompt from the built-in math reward alone.
-    80 of the example's 100 steps: the mean reward is ~0.04 over steps 1-10 and ~0.59 over steps 71-80 here."""
+    80 of the example's 100 steps: the mean reward is ~0.04 over steps 1-10 and ~0.59 over steps 71-80 here.
+    one_step_off must clear the same bar while training on samples one update old (the issue's staleness-1
+    criterion: the importance correction keeps the stale update pointed the right way)."""
     out = tmp_path / "grpo"
     address = ray_cluster.get_runtime_context().gcs_address
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_ray", "train", "examples/grpo_tiny_cpu.yaml", f"model.path={tiny_model_dir}",
          f"train.output_dir={out}", f"ray.address={address}", "learner.gpus_per_worker=1",
-         "placement.mode=separate", "algo.total_steps=80", "logging.progress_bar=false"],
+         "placement.mode=separate", "algo.total_steps=80", "logging.progress_bar=false", f"rollout.mode={mode}"],
         cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(out / "metrics.jsonl")
@@ -51,7 +54,10 @@ def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
     # Chance is ~0.03 (one digit of ~100 tokens, then a stop); the learned policy repeats the digit.
     assert first < 0.15 and last > first + 0.25, [round(x, 2) for x in rewards]
-    _assert_synced_every_step(rows)
+    if mode == "sync":
+        _assert_synced_every_step(rows)
+    else:  # the gap then holds one update's change as well; what must hold is the staleness itself
+        assert [r["rollout/staleness"] for r in rows] == [0] + [1] * 79
     report = json.loads((out / "placement.json").read_text())
     actor, rollout = set().union(*_gpu_sets(report, "actor")), set().union(*_gpu_sets(report, "rollout"))
     assert report["mode"] == "separate" and len(actor) == 2 and len(rollout) == 1 and not actor & rollout
@@ -153,3 +159,30 @@ def test_bad_reward_spec_fails_before_any_actor_starts(tiny_model_dir, tmp_path,
     err = capsys.readouterr().err
     assert code == 2 and "config error: reward.functions: reward file not found" in err, err
     assert not (tmp_path / "x" / "placement.json").exists()
+
+
+def test_grpo_dynamic_sampling_refills_groups_without_signal(ray_cluster, tiny_model_dir, tmp_path):
+    """algo.filter_groups (DAPO) on the untrained model and the math reward: most groups are all 0 (chance ~0.03
+    per sample), so steps refill from the next prompts, up to 2 extra rounds, then top up with dropped groups.
+    Every step trains on exactly prompts_per_step groups, and the checkpoint's cursor is the prompts taken."""
+    from rlhf_ray.config import load_config
+    from rlhf_ray.jobs import rl
+
+    out = tmp_path / "dapo"
+    cfg = load_config(REPO / "examples" / "grpo_tiny_cpu.yaml", values={
+        "model.path": tiny_model_dir, "train.output_dir": str(out), "algo.total_steps": 3,
+        "algo.prompts_per_step": 4, "rollout.n_samples": 4, "learner.micro_batch_size": 8,
+        "algo.filter_groups": True, "algo.max_filter_rounds": 2, "logging.progress_bar": False})
+    rl.run(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 3
+    for r in rows:
+        assert r["filter/kept_groups"] + r["filter/topped_up_groups"] == 4  # the batch shape holds
+        assert r["rollout/sequences"] == 16
+        assert 0 <= r["filter/rounds"] <= 2
+        # round 0 takes 4 prompts, each later round the shortfall of varied groups
+        assert 4 <= r["filter/prompts_taken"] <= 4 + 2 * 4
+        assert r["filter/dropped_groups"] >= r["filter/topped_up_groups"]
+    assert any(r["filter/rounds"] > 0 for r in rows), rows  # chance 0.03: all-zero groups are the common case
+    state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
+    assert state["prompts_taken"] == sum(r["filter/prompts_taken"] for r in rows)

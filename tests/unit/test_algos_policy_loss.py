@@ -1,4 +1,4 @@
-"""PPO clip / dual clip / vanilla PG losses and gradients, the clipped value loss, truncated IS weights."""
+"""PPO clip / dual clip / vanilla PG losses and gradients, GSPO's sequence ratio, the clipped value loss."""
 
 import math
 from typing import get_args, get_type_hints
@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_ray.algos.policy_loss import (POLICY_LOSSES, get_policy_loss, ppo_clip, truncated_importance_weights,
-                                        value_loss, vanilla_pg)
+from rlhf_ray.algos.aggregation import agg_loss
+from rlhf_ray.algos.policy_loss import (POLICY_LOSSES, RATIO_LEVELS, get_policy_loss, get_ratio_level, ppo_clip,
+                                        sequence_ratio, token_ratio, value_loss, vanilla_pg)
 from rlhf_ray.config.schema import AlgoConfig
 
 
@@ -108,10 +109,54 @@ def test_value_loss_clip():
     close(clipped, torch.zeros(1, 5))
 
 
-def test_truncated_importance_weights():
-    old = torch.tensor([[0.0, -1.0, -2.0]], requires_grad=True)
-    rollout = torch.tensor([[0.0, -2.0, -1.0]])
-    w = truncated_importance_weights(old, rollout, cap=2.0)
-    close(w, [[1.0, 2.0, math.exp(-1.0)]])   # exp(0)=1, exp(1)=2.718 -> capped at 2, exp(-1)=0.3679
-    assert not w.requires_grad
-    close(truncated_importance_weights(old, rollout, cap=None), torch.ones(1, 3))
+
+# GSPO: logp - old per position. Row 0: two action tokens and a padding position (its 5.0 must not count);
+# row 1: three action tokens.
+#   row 0: mean(0.1, 0.3) = 0.2    -> s_0 = e^0.2  = 1.2214028
+#   row 1: mean(-0.2, 0.0, -0.1) = -0.1 -> s_1 = e^-0.1 = 0.9048374
+GSPO_DIFF = torch.tensor([[0.1, 0.3, 5.0], [-0.2, 0.0, -0.1]])
+GSPO_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+S0, S1 = math.exp(0.2), math.exp(-0.1)
+
+
+def _gspo_inputs():
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-1.5, -0.7, -3.0]])
+    return (old + GSPO_DIFF).requires_grad_(True), old
+
+
+def test_sequence_ratio_is_the_geometric_mean_on_every_token():
+    logp, old = _gspo_inputs()
+    ratio = torch.exp(sequence_ratio(logp, old, GSPO_MASK) - old)
+    close(ratio, [[S0, S0, S0], [S1, S1, S1]])   # padding included: the row's ratio, harmless under the mask
+    close(torch.exp(token_ratio(logp, old, GSPO_MASK) - old), torch.exp(GSPO_DIFF))   # token level: e^diff each
+    # d ratio_{b,t} / d logp_{b,t} = s_b (each token's own log-prob only; the sequence mean is stop-gradient)
+    ratio.sum().backward()
+    close(logp.grad, [[S0, S0, S0], [S1, S1, S1]])
+
+
+def test_gspo_loss_and_gradient_match_the_sequence_objective():
+    """ppo_clip on the rewritten log-probs, aggregated seq_mean_token_mean, is GSPO's
+    -1/G sum_b min(s_b A_b, clip(s_b) A_b), and its gradient is s_b A_b / |y_b| per token of an unclipped row."""
+    logp, old = _gspo_inputs()
+    adv = torch.tensor([[1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]])
+    loss_mat, clipped = ppo_clip(sequence_ratio(logp, old, GSPO_MASK), old, adv, 0.2, 0.2, None)
+    # row 0: A = 1, s_0 = 1.2214 > 1.2 -> clipped, -1.2 on each token; row 1: A = -1, s_1 inside -> 0.9048374
+    close(loss_mat * GSPO_MASK, [[-1.2, -1.2, 0.0], [S1, S1, S1]])
+    close(clipped * GSPO_MASK, [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])   # a sequence is clipped as a whole
+    loss = agg_loss(loss_mat, GSPO_MASK, "seq_mean_token_mean", num_tokens=5, num_seqs=2, horizon=3)
+    close(loss, (-1.2 + S1) / 2)                                      # = -0.1475813
+    loss.backward()
+    # row 0 clipped: no gradient; row 1: -A * s_1 / (|y_1| = 3) / (G = 2) = 0.9048374 / 6 = 0.1508062 per token
+    close(logp.grad, [[0.0, 0.0, 0.0], [S1 / 6, S1 / 6, S1 / 6]])
+    # The token-level ratio would give row 1 different weights per token (e^-0.2, 1, e^-0.1 over 6) and leave
+    # row 0 unclipped for its first token (e^0.1 < 1.2): the level changes the update.
+    logp.grad = None
+    _, token_clipped = ppo_clip(token_ratio(logp, old, GSPO_MASK), old, adv, 0.2, 0.2, None)
+    close(token_clipped * GSPO_MASK, [[0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])   # e^0.3 = 1.35 > 1.2 only
+
+
+def test_ratio_level_registry():
+    assert set(RATIO_LEVELS) == set(get_args(get_type_hints(AlgoConfig)["ratio_level"]))
+    assert get_ratio_level("sequence") is sequence_ratio
+    with pytest.raises(ValueError, match="token, sequence"):
+        get_ratio_level("group")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,8 +115,8 @@ def test_policy_objective_on_policy_is_minus_mean_advantage(model):
     mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
           "advantages": adv, "rollout_logprobs": old}
     objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
-                           temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False, importance_cap=2.0,
-                           old_from_update=False)
+                           temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False,
+                           off_policy_correction="token_tis", old_from_update=False)
     loss, metrics = objective(model, mb, BatchTotals(tokens=12, sequences=4, horizon=3, grad_scale=2.0))
     # sum(A * mask) = 3 * 1 + 3 * (-2) = -3 over a mini-batch of 12 action tokens: -(-3) / 12 * 2 = 0.5
     assert float(loss.detach()) == pytest.approx(0.5, abs=1e-5)
@@ -134,7 +136,8 @@ def test_policy_objective_old_from_update_equals_a_separate_old_pass(model):
     rollout = old + 0.25 * action  # vLLM's numbers off by 0.25 on action tokens: w = exp(-0.25) there
     adv = torch.tensor([[0, 0, 1.0, -0.5, 2.0, 0], [0, 0, 0, -2.0, 0.5, -1.0]])
     kwargs = dict(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=3.0, loss_agg="token_mean",
-                  temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False, importance_cap=2.0)
+                  temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False,
+                  off_policy_correction="token_tis")
     totals = BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0)
     base = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "advantages": adv,
             "rollout_logprobs": rollout}
@@ -151,6 +154,109 @@ def test_policy_objective_old_from_update_equals_a_separate_old_pass(model):
     assert len(g_a) == len(g_b) > 0 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_a, g_b))
     assert {k: v for k, v in m_b.items() if k != "old_rollout_absdiff_sum"} == pytest.approx(m_a, abs=1e-5)
     assert m_b["old_rollout_absdiff_sum"] == pytest.approx(6 * 0.25, abs=1e-5)  # 6 action tokens x 0.25
+    model.zero_grad()
+
+
+# On-policy (pi_old = the model's own log-probs, PPO ratio 1, loss -w_t A_t per token) with vLLM's numbers off by
+# d = old - rollout on the action tokens: token ratios exp(d) row 0 [3, 0.4, 1], row 1 [1, 1.2, 1.25]; sequence
+# ratios 3 * 0.4 * 1 = 1.2 and 1 * 1.2 * 1.25 = 1.5. A = +1 on row 0, -2 on row 1; token_mean over 6 tokens.
+OFF_POLICY_CASES = [
+    # name, params, sum_t w_t A_t -> loss = -sum / 6, metric sums (units, ratio, capped, masked)
+    ("none", {}, 3 * 1 - 3 * 2.0, ("tokens", 6, 7.85, 0, 0)),                 # w = 1: -3; ratios sum 7.85
+    ("token_tis", {"cap": 2.0}, (2 + 0.4 + 1) - 2 * (1 + 1.2 + 1.25), ("tokens", 6, 7.85, 1, 0)),  # 3 -> 2: -3.5
+    ("seq_tis", {"cap": 1.4}, 3 * 1.2 - 2 * 3 * 1.4, ("sequences", 2, 2.7, 1, 0)),   # 1.5 -> 1.4: 3.6 - 8.4 = -4.8
+    ("seq_mask", {"low": 0.5, "high": 1.3}, 3 * 1.2 - 0.0, ("sequences", 2, 2.7, 0, 1)),  # row 1 dropped: 3.6
+    ("icepop", {"low": 0.5, "high": 2.0}, 1.0 - 2 * (1 + 1.2 + 1.25), ("tokens", 6, 7.85, 0, 2)),  # 3, 0.4 dropped
+]
+
+
+@pytest.mark.parametrize("name, params, weighted_adv_sum, sums", OFF_POLICY_CASES)
+def test_policy_objective_applies_the_off_policy_correction(model, name, params, weighted_adv_sum, sums):
+    """The configured correction's weights multiply the per-token policy loss, and its metric sums come back."""
+    from rlhf_ray.algos.off_policy import OffPolicyParams
+
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        old = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    d = torch.zeros(2, 6)
+    d[0, 2:5] = torch.log(torch.tensor([3.0, 0.4, 1.0]))
+    d[1, 3:6] = torch.log(torch.tensor([1.0, 1.2, 1.25]))
+    adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -2.0, -2.0, -2.0]])
+    mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
+          "advantages": adv, "rollout_logprobs": old - d}
+    objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
+                           temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False,
+                           off_policy_correction=name, old_from_update=False, off_policy=OffPolicyParams(**params))
+    assert "rollout_logprobs" in objective.fields
+    loss, metrics = objective(model, mb, BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0))
+    assert float(loss.detach()) == pytest.approx(-weighted_adv_sum / 6, abs=1e-5)
+    level, units, ratio_sum, capped, masked = sums
+    assert metrics[f"importance_{level}"] == units
+    assert metrics["importance_ratio_sum"] == pytest.approx(ratio_sum, abs=1e-5)
+    assert (metrics["importance_capped_sum"], metrics["importance_masked_sum"]) == (capped, masked)
+
+
+def test_policy_objective_without_a_correction_needs_no_rollout_logprobs(model):
+    """off_policy_correction None (pi_old is the engine's own): w = 1, no rollout log-probs, no importance sums."""
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0]])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    mb = {"input_ids": ids, "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1, 0]]), "action_mask": action,
+          "advantages": 2.0 * action}
+    with torch.no_grad():
+        mb["old_logprobs"] = gather_token_logprobs(model(input_ids=ids).logits[:, :-1], ids[:, 1:])
+    objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
+                           temperature=1.0, entropy_coef=0.0, kl_estimator="k3", kl_in_loss=False,
+                           off_policy_correction=None, old_from_update=False)
+    assert "rollout_logprobs" not in objective.fields
+    loss, metrics = objective(model, mb, BatchTotals(tokens=3, sequences=1, horizon=3))
+    assert float(loss.detach()) == pytest.approx(-2.0, abs=1e-5)   # -sum(A) / 3 = -6 / 3
+    assert not any(k.startswith("importance_") for k in metrics)
+
+
+def test_policy_objective_sequence_ratio_is_gspo(model):
+    """algo.ratio_level: sequence. Loss and parameter gradients equal GSPO's sequence objective computed directly,
+    -1/G sum_b min(s_b A_b, clip(s_b, 1 - e_low, 1 + e_high) A_b), s_b = exp(mean_t (logp - old)) with autograd
+    through s_b, on the same model; the per-token ratio gives another gradient."""
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        logp0 = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    delta = torch.zeros(2, 6)   # logp - old on the action tokens
+    delta[0, 2:5] = torch.tensor([0.1, 0.3, 0.2])     # mean 0.2  -> s_0 = e^0.2 = 1.2214, above 1 + 0.2: clipped
+    delta[1, 3:6] = torch.tensor([-0.2, 0.0, -0.1])   # mean -0.1 -> s_1 = e^-0.1 = 0.9048, inside
+    old = logp0 - delta
+    adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -1.0, -1.0, -1.0]])
+    mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
+          "advantages": adv}
+    totals = BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0)
+
+    def run(ratio_level):
+        model.zero_grad()
+        loss, metrics = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None,
+                                   loss_agg="seq_mean_token_mean", temperature=1.0, entropy_coef=0.0,
+                                   kl_estimator="k3", kl_in_loss=False, off_policy_correction=None,
+                                   old_from_update=False, ratio_level=ratio_level)(model, mb, totals)
+        loss.backward()
+        return float(loss.detach()), metrics, [p.grad.clone() for p in model.parameters()]
+
+    loss, metrics, grads = run("sequence")
+    # -(1/2) [min(1.2214 * 1, 1.2 * 1) + min(0.9048 * -1, 0.9048 * -1)] = -(1.2 - 0.9048374) / 2 = -0.1475813
+    assert loss == pytest.approx(-(1.2 - math.exp(-0.1)) / 2, abs=1e-5)
+    assert metrics["clipped_sum"] == 3   # row 0's three tokens: the sequence is clipped as a whole
+
+    model.zero_grad()
+    logp = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1].float(), ids[:, 1:])
+    s = torch.exp(((logp - old) * action).sum(-1) / action.sum(-1))
+    a = torch.tensor([1.0, -1.0])
+    direct = -torch.minimum(s * a, s.clamp(0.8, 1.2) * a).mean()
+    direct.backward()
+    assert float(direct.detach()) == pytest.approx(loss, abs=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+    _, _, token_grads = run("token")   # row 0's first token (e^0.1 < 1.2) is not clipped per token: another step
+    assert not all(torch.allclose(g, t, atol=1e-6) for g, t in zip(grads, token_grads))
     model.zero_grad()
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from rlhf_ray.config import ConfigError, load_config, resolve
@@ -81,9 +83,31 @@ def test_shared_with_mismatched_sizes_is_refused():
      "learner.zero_stage: hybrid placement offloads the learners' optimizer state"),
     ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "learner.zero_stage": 3,
       "learner.offload": True}, "learner.offload: with ZeRO-3 it keeps parameters in host memory"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "rollout.mode": "one_step_off"},
+     "rollout.mode: one_step_off generates while the learners train, which needs the engines on their own"),
+    ({"job": "best_of_n", "rollout.mode": "one_step_off"}, "rollout.mode: one_step_off overlaps generation with "
+                                                            "training; job best_of_n does not train on rollouts"),
+    ({"job": "grpo", "rollout.mode": "async"}, "rollout.mode"),
+    ({"job": "ppo", "algo.filter_groups": True}, "algo.filter_groups: drops prompts whose samples' rewards are all"),
+    ({"job": "grpo", "algo.filter_groups": True, "rollout.mode": "one_step_off"},
+     "algo.filter_groups: refills a step's batch with new samples at step time"),
+    ({"job": "grpo", "algo.max_filter_rounds": -1}, "algo.max_filter_rounds: must be >= 0"),
+    ({"job": "grpo", "algo.importance_cap": None},
+     "algo.importance_cap: null no longer turns the importance correction off; off_policy_correction=token_tis"),
+    ({"job": "grpo", "algo.off_policy_correction": "seq_tis", "algo.importance_cap": None},
+     "algo.importance_cap: null no longer turns the importance correction off; off_policy_correction=seq_tis"),
+    ({"job": "grpo", "algo.importance_cap": 0.8}, "algo.importance_cap: must be >= 1"),
+    ({"job": "grpo", "algo.importance_mask_low": 1.0}, "algo.importance_mask_low: must be in [0, 1)"),
+    ({"job": "grpo", "algo.importance_mask_high": 0.9}, "algo.importance_mask_high: must be > 1"),
+    ({"job": "grpo", "algo.off_policy_correction": "tis"}, "algo.off_policy_correction: must be one of"),
+    ({"job": "grpo", "algo.ratio_level": "group"}, "algo.ratio_level: must be one of ['token', 'sequence']"),
+    ({"job": "grpo", "algo.sequence_clip_ratio_low": 0.0}, "algo.sequence_clip_ratio_low: must be in (0, 1)"),
+    ({"job": "grpo", "algo.sequence_clip_ratio_high": -1e-4}, "algo.sequence_clip_ratio_high: must be > 0"),
+    ({"job": "grpo", "algo.old_logprobs": "rollout", "algo.off_policy_correction": "icepop"},
+     "algo.off_policy_correction: icepop weighs the learner's pi_old against the rollout engine's log-probs"),
 ])
 def test_rl_config_errors_name_the_key(over, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         cfg(**over)
 
 
@@ -111,3 +135,42 @@ def test_old_logprobs_update_off_policy_names_the_key():
     with pytest.raises(ConfigError, match="algo.old_logprobs: update takes pi_old from the update's own forward "
                                           "pass, which is exact only with mini_batches 1"):
         cfg(job="grpo", **{"algo.old_logprobs": "update", "algo.mini_batches": 2})
+
+
+@pytest.mark.parametrize("over, want", [
+    ({}, "token_tis"),                                                         # the default: today's TIS
+    ({"algo.off_policy_correction": "icepop"}, "icepop"),
+    ({"algo.off_policy_correction": "none"}, "none"),
+    ({"algo.old_logprobs": "rollout"}, None),                                  # pi_old is the engine's: ratio 1
+    ({"algo.old_logprobs": "rollout", "algo.off_policy_correction": "none"}, None),
+])
+def test_off_policy_correction_resolves_to_what_the_loss_applies(over, want):
+    from rlhf_ray.objectives.rl import PolicyLoss
+
+    resolved = resolve(cfg(job="grpo", **over))
+    assert resolved.rl.off_policy_correction == want
+    loss = PolicyLoss.from_resolved(resolved)
+    assert loss.off_policy_correction == want
+    assert ("rollout_logprobs" in loss.fields) == (want is not None or loss.old_from_update)
+
+
+def test_off_policy_thresholds_reach_the_loss():
+    from rlhf_ray.objectives.rl import PolicyLoss
+
+    over = {"algo.importance_cap": 3.0, "algo.importance_mask_low": 0.2, "algo.importance_mask_high": 5.0}
+    p = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **over))).off_policy
+    assert (p.cap, p.low, p.high) == (3.0, 0.2, 5.0)
+    # A mask needs no cap: null is accepted there and the loss keeps a placeholder it never reads.
+    loss = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.off_policy_correction": "seq_mask",
+                                                               "algo.importance_cap": None})))
+    assert loss.off_policy_correction == "seq_mask"
+
+
+def test_sequence_ratio_level_clips_with_its_own_range():
+    from rlhf_ray.objectives.rl import PolicyLoss
+
+    token = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.clip_ratio_high": 0.28})))
+    assert (token.ratio_level, token.clip_low, token.clip_high) == ("token", 0.2, 0.28)
+    gspo = PolicyLoss.from_resolved(resolve(cfg(job="grpo", **{"algo.ratio_level": "sequence",
+                                                               "algo.clip_ratio_high": 0.28})))
+    assert (gspo.ratio_level, gspo.clip_low, gspo.clip_high) == ("sequence", 3e-4, 4e-4)   # the paper's range
