@@ -124,7 +124,7 @@ def test_a_resumed_grpo_run_reproduces_the_uninterrupted_one(straight, tiny_mode
 
 
 def test_a_killed_and_then_a_frozen_engine_are_replaced_in_place(straight, tiny_model_dir, tmp_path):
-    """SIGKILL at step 2: the engine's death names it. SIGSTOP of its replacement at step 3: the process lives
+    """SIGKILL at step 3: the engine's death names it. SIGSTOP of its replacement at step 4: the process lives
     but answers nothing, and the call past ``train.timeout_s`` names it. Each time a new engine takes the bundle,
     the policy's weights are synced into it and the call is redone; the learners never restart."""
     frozen = []
@@ -138,7 +138,7 @@ def test_a_killed_and_then_a_frozen_engine_are_replaced_in_place(straight, tiny_
 
     out = tmp_path / "run"
     try:
-        rows = _grpo(tiny_model_dir, out, loop_cls=_faulty({1: kill, 2: freeze}), **{"train.timeout_s": 20})
+        rows = _grpo(tiny_model_dir, out, loop_cls=_faulty({2: kill, 3: freeze}), **{"train.timeout_s": 20})
     finally:
         for pid in frozen:  # normally gone already: the recovery killed it
             try:
@@ -147,11 +147,11 @@ def test_a_killed_and_then_a_frozen_engine_are_replaced_in_place(straight, tiny_
                 pass
     assert _compared(rows) == straight  # every step logged once, each with the uninterrupted run's metrics
     assert [(r["recovery/engine_replacements"], r["recovery/restarts"]) for r in rows] == [
-        (0, 0), (1, 0), (2, 0), (2, 0)]
+        (0, 0), (0, 0), (1, 0), (2, 0)]
     killed, stalled = _recoveries(out)
-    assert (killed["step"], killed["action"], killed["engines"]) == (2, "replace_engines", [0])
+    assert (killed["step"], killed["action"], killed["engines"]) == (3, "replace_engines", [0])
     assert "rollout[rank 0]" in killed["cause"] and "died" in killed["cause"]
-    assert (stalled["step"], stalled["action"], stalled["engines"]) == (3, "replace_engines", [0])
+    assert (stalled["step"], stalled["action"], stalled["engines"]) == (4, "replace_engines", [0])
     assert "no answer from rollout[rank 0]" in stalled["cause"] and "within 20 s" in stalled["cause"]
 
 
