@@ -219,30 +219,26 @@ class RolloutLoop(TrainLoop):
         from rlhf_ray.controller.roles import batch_of
         from rlhf_ray.engines.rollout_engine import Generations
 
-        need, B = self.schedule.items_per_step, self.schedule.items_per_step
+        need = B = self.schedule.items_per_step
         kept, flat, metrics, seconds, round_, taken = [], [], {}, 0.0, 0, 0
-        while True:
+        while True:  # each group: (its prompt, its samples, their rewards)
             batch, gens, rows = self.generate(timer, step, need, round_)
             taken += need
             scored = self.score(batch, rows, timer)
-            metrics = metrics or scored
+            metrics = metrics or scored  # the first round's: the step's own prompts, as sampled
             seconds += gens.seconds
             varied = set(varied_groups(batch.rewards, batch.group_index))
             for g in dict.fromkeys(batch.group_index.tolist()):
                 at = (batch.group_index == g).nonzero().flatten().tolist()
-                group = (rows[at[0]], [gens.token_ids[i] for i in at], [gens.logprobs[i] for i in at],
-                         [gens.texts[i] for i in at], [gens.finish_reasons[i] for i in at], batch.rewards[at])
-                (kept if g in varied else flat).append(group)
+                (kept if g in varied else flat).append((rows[at[0]], gens.select(at), batch.rewards[at]))
             if len(kept) >= B or round_ == self.cfg.algo.max_filter_rounds:
                 break
             round_, need = round_ + 1, B - len(kept)
         chosen = kept[:B] + flat[:B - len(kept[:B])]
-        prompts = [c[0] for c in chosen]
-        index = [g for g, c in enumerate(chosen) for _ in c[1]]
-        merged = Generations(np.asarray(index), [t for c in chosen for t in c[1]], [lp for c in chosen for lp in c[2]],
-                             [x for c in chosen for x in c[3]], [r for c in chosen for r in c[4]], seconds)
+        prompts = [prompt for prompt, _, _ in chosen]
+        merged = Generations.of_groups([samples for _, samples, _ in chosen], seconds)
         out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
-        out.rewards = torch.cat([c[5] for c in chosen])
+        out.rewards = torch.cat([rewards for _, _, rewards in chosen])
         metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
                         "filter/kept_groups": float(min(len(kept), B)),
                         "filter/dropped_groups": float(len(flat)),

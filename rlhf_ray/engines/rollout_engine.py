@@ -68,6 +68,20 @@ class Generations:
     finish_reasons: list[str]
     seconds: float = 0.0
 
+    def select(self, samples: list[int]) -> "Generations":
+        """The given samples (positions), their prompt indices kept."""
+        return Generations(self.prompt_index[samples], [self.token_ids[i] for i in samples],
+                           [self.logprobs[i] for i in samples], [self.texts[i] for i in samples],
+                           [self.finish_reasons[i] for i in samples], self.seconds)
+
+    @staticmethod
+    def of_groups(groups: list["Generations"], seconds: float) -> "Generations":
+        """One ``Generations`` of several prompts' samples: group g's samples answer prompt g."""
+        return Generations(np.asarray([g for g, gen in enumerate(groups) for _ in gen.texts], dtype=np.int64),
+                           [t for gen in groups for t in gen.token_ids], [lp for gen in groups for lp in gen.logprobs],
+                           [x for gen in groups for x in gen.texts], [r for gen in groups for r in gen.finish_reasons],
+                           seconds)
+
     def to_state(self) -> dict[str, Any]:
         """As tensors, strings and numbers (what ``torch.load(weights_only=True)`` reads back)."""
         import torch
