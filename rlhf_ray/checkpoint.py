@@ -10,16 +10,18 @@ Layout under ``<output_dir>/checkpoints``::
     latest                  name of the newest complete checkpoint (replaced atomically)
 
 A checkpoint is first written to ``.tmp-step_000010`` and renamed once every part is on disk;
-``latest`` is only updated after the rename.
+``latest`` is only updated after the rename. ``<output_dir>/final`` (the last model) and ``<output_dir>/best``
+(the best evaluated one, ``train.keep_best``) are published the same way: written aside, then renamed.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
 
 def _fsync_dir(path: Path) -> None:
@@ -134,3 +136,61 @@ def publish_final(model_dir: Path, output_dir: str | os.PathLike) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+BEST_DIR = "best"
+BEST_FILE = "best.json"
+"""Inside ``best/``: which metric chose it, which way, its value and the step evaluated (0 = before training)."""
+
+
+def improves(value: float, best: Optional[float], mode: str) -> bool:
+    """Whether ``value`` beats ``best`` under ``mode`` (max: higher is better; min: lower is). Strictly: of equal
+    values the earliest is kept. A NaN never improves; any other value beats no best at all (``best`` None)."""
+    if math.isnan(value):
+        return False
+    if best is None or math.isnan(best):
+        return True
+    return value > best if mode == "max" else value < best
+
+
+class BestModel:
+    """``<output_dir>/best/``: the policy as it was at the evaluation that scored best so far by one metric
+    (``train.keep_best``), ``best.json`` inside it. Written aside and renamed, as ``final/``: a crash leaves the
+    previous best whole. A resumed run reads the record back, so its later evaluations compete with it."""
+
+    def __init__(self, output_dir: str | os.PathLike, metric: str, mode: str, resume: bool):
+        self.dir = Path(output_dir) / BEST_DIR
+        self.metric, self.mode = metric, mode
+        self.record: Optional[dict[str, Any]] = None
+        """The best so far: ``{"metric", "mode", "value", "step"}``."""
+        recorded = self.dir / BEST_FILE
+        if resume and recorded.is_file():
+            record = json.loads(recorded.read_text())
+            if (record.get("metric"), record.get("mode")) == (metric, mode):  # else chosen by another rule: start over
+                self.record = record
+
+    def offer(self, step: int, metrics: dict[str, float], export: Callable[[Path], None]) -> bool:
+        """An evaluation after ``step`` steps logged ``metrics``: when ``metrics[metric]`` improves on the best,
+        ``export(directory)`` writes the policy's HF model there and it becomes ``best/``. Returns whether it did.
+        ``ConfigError`` names the metric and the keys the evaluation does log."""
+        if self.metric not in metrics:
+            from rlhf_ray.config.errors import ConfigError
+
+            raise ConfigError(f"train.keep_best: the evaluation logged no {self.metric!r}; it logs "
+                           f"{', '.join(sorted(metrics))}")
+        value = float(metrics[self.metric])
+        if not improves(value, None if self.record is None else self.record["value"], self.mode):
+            return False
+        record = {"metric": self.metric, "mode": self.mode, "value": value, "step": step}
+        tmp = self.dir.with_name(f".{BEST_DIR}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        export(tmp)
+        write_json_atomic(tmp / BEST_FILE, record)
+        _fsync_tree(tmp)
+        if self.dir.exists():
+            shutil.rmtree(self.dir)
+        os.replace(tmp, self.dir)
+        _fsync_dir(self.dir.parent)
+        self.record = record
+        return True

@@ -313,12 +313,21 @@ class BestOfNConfig:
 
 @dataclass
 class EvalConfig:
-    """Job ``eval`` (``rlhf-ray eval``): ``rollout.n_samples`` samples per prompt at ``rollout.temperature`` from
-    the ``model`` on the ``data`` prompt set, scored by the ``reward`` section as in training; pass@k, maj@k, mean
-    reward, response length and each reward source's mean go to ``<train.output_dir>/eval.json`` and a table."""
+    """How a model is evaluated on held-out prompts: job ``eval`` (``rlhf-ray eval``), and the rollout training jobs
+    (ppo, grpo, online_dpo) every ``train.eval_every`` steps and once before training (logged at step 0).
+    ``n_samples`` samples per prompt at ``temperature`` are scored by the ``reward`` section as in training; pass@k,
+    maj@k, mean reward, response length and each reward source's mean are logged under ``eval/`` (job eval also
+    writes them to ``<train.output_dir>/eval.json`` and prints a table). What these resolve to is
+    ``Resolved.evaluation`` (``rlhf_ray.config.resolve``)."""
 
+    n_samples: Optional[int] = None
+    """Samples per prompt. Unset: ``rollout.n_samples`` in job eval (its rollout section is the evaluation's); 1
+    during training (one greedy response per prompt, unless ``temperature`` is set)."""
+    temperature: Optional[float] = None
+    """Sampling temperature of the evaluation. Unset: ``rollout.temperature``, except during training with one
+    sample per prompt, which is greedy (0)."""
     ks: list[int] = field(default_factory=list)
-    """The k of pass@k and maj@k, each in 1..rollout.n_samples; empty: 1 and rollout.n_samples."""
+    """The k of pass@k and maj@k, each in 1..n_samples; empty: 1 and n_samples."""
     correct_threshold: float = 1.0
     """A sample counts as correct (pass@k, maj@k, accuracy) when its total reward is >= this. 1.0: the full
     reward of ``builtin:math`` (a right final answer); lower it for rewards on another scale."""
@@ -327,11 +336,14 @@ class EvalConfig:
     ``####``, "the answer is" or the last number), normalised, numbers compared exactly (``0.5`` = ``1/2``); a
     response without one abstains. response: the response text, stripped of surrounding whitespace."""
     greedy: bool = False
-    """Also one greedy response per prompt (temperature 0), reported apart under ``greedy``."""
+    """Also one greedy response per prompt (temperature 0), reported apart under ``greedy`` (``eval/greedy/``)."""
 
     def __post_init__(self) -> None:
         import math
 
+        _check(self.n_samples is None or self.n_samples >= 1, "n_samples", f"must be >= 1, got {self.n_samples}")
+        _check(self.temperature is None or self.temperature >= 0, "temperature",
+               f"must be >= 0, got {self.temperature}")
         _check(all(k >= 1 for k in self.ks), "ks", f"each k must be >= 1, got {self.ks}")
         _check(len(set(self.ks)) == len(self.ks), "ks", f"lists a k twice: {self.ks}")
         _check(math.isfinite(self.correct_threshold), "correct_threshold",

@@ -9,7 +9,9 @@ front, the loops, the roles and the efficiency report:
 - ``rl``: the advantage estimator, where pi_old comes from, and where the reference KL goes;
 - ``roles``: which models run (policy, reference, critic, reward model, rollout engines, the offline
   learner) with their heads, dtypes, workers and devices; ``plan``: the placement they make;
-- ``sync``: the weight-sync backend, bucket size and dtype.
+- ``sync``: the weight-sync backend, bucket size and dtype;
+- ``evaluation``: how an evaluation samples and counts (job eval, and a rollout training job's held-out eval);
+  ``best``: the metric and direction that pick the model kept in ``best/`` (``train.keep_best``).
 
 Every check across config sections lives here too, each a ``ConfigError`` naming the key: a config is
 valid when it resolves (``Config.__post_init__`` resolves it once for that). ``accelerator`` says where the
@@ -27,17 +29,18 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from rlhf_ray.algos.names import GROUP_BASED, NEEDS_CRITIC, REFERENCE_FREE_PREFERENCE_LOSSES
 from rlhf_ray.config.errors import ConfigError
-from rlhf_ray.config.resolved import (COLOCATE, OFFLINE_COLOCATE, POLICY_JOBS, Accelerator, BatchShape, Head,
-                                      LearnerRoleSpec, Paths, RLSettings, RoleSpec, RolloutRoleSpec, Resolved,
+from rlhf_ray.config.resolved import (COLOCATE, OFFLINE_COLOCATE, POLICY_JOBS, Accelerator, BatchShape, BestSettings,
+                                      Head, LearnerRoleSpec, Paths, RLSettings, RoleSpec, RolloutRoleSpec, Resolved,
                                       SyncSettings, auto_dtype, request)
 from rlhf_ray.config.schema import RL_JOBS, LearnerConfig, ModelConfig, OptimConfig
+from rlhf_ray.evaluation.summary import EvalSettings, eval_metric_names
 
 if TYPE_CHECKING:
     from rlhf_ray.config.schema import Config
 
-__all__ = ["COLOCATE", "OFFLINE_COLOCATE", "POLICY_JOBS", "Accelerator", "BatchShape", "Head", "LearnerRoleSpec",
-           "Paths", "RLSettings", "RoleSpec", "RolloutRoleSpec", "Resolved", "SyncSettings", "auto_dtype", "request",
-           "resolve"]
+__all__ = ["COLOCATE", "OFFLINE_COLOCATE", "POLICY_JOBS", "Accelerator", "BatchShape", "BestSettings", "EvalSettings",
+           "Head", "LearnerRoleSpec", "Paths", "RLSettings", "RoleSpec", "RolloutRoleSpec", "Resolved", "SyncSettings",
+           "auto_dtype", "best_mode", "request", "resolve"]
 
 def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolved:
     """Check ``cfg`` across its sections and derive what the run needs (see the module docstring)."""
@@ -62,7 +65,9 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     max_restarts = cfg.train.max_restarts
     if max_restarts is None:
         max_restarts = 3 if cfg.job in ("ppo", "grpo", "online_dpo") else 0  # the long runs that use engines
-    return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles, max_restarts)
+    evaluation = _evaluation(cfg)
+    return Resolved(cfg, accel, paths, batch, reference, rl, sync, roles, max_restarts, evaluation,
+                    _best(cfg, evaluation))
 
 
 # ---- paths ----------------------------------------------------------------------------------------
@@ -93,7 +98,6 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
                           "and/or reward.model")
     per_pass = lc.micro_batch_size * lc.num_workers
     if cfg.job == "eval":  # samples once over its prompts; no learner, so no batch split to check
-        _check_eval(cfg)
         return BatchShape(per_step=a.prompts_per_step * r.n_samples, per_update=per_pass, updates_per_step=0), None
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature: job {cfg.job} samples several responses and the learners score "
@@ -146,17 +150,64 @@ def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]
     return BatchShape(per_step=B, per_update=M, updates_per_step=a.mini_batches * a.ppo_epochs), rl
 
 
-def _check_eval(cfg: "Config") -> None:
-    """Job eval: every k of pass@k / maj@k within the samples per prompt, and samples that can differ."""
-    n = cfg.rollout.n_samples
-    for k in cfg.eval.ks:
+def _evaluation(cfg: "Config") -> Optional[EvalSettings]:
+    """How an evaluation samples and counts: job eval's, or the held-out evaluation of a rollout training job
+    (``train.eval_every``); None for the other jobs. Job eval samples as its rollout section says unless ``eval.*``
+    says otherwise; training evaluates one greedy response per prompt unless ``eval.n_samples`` /
+    ``eval.temperature`` say otherwise (the rollout section is the training's sampling)."""
+    if cfg.job not in ("eval", *POLICY_JOBS):
+        return None
+    e, r, training = cfg.eval, cfg.rollout, cfg.job != "eval"
+    n_key = "eval.n_samples" if e.n_samples is not None or training else "rollout.n_samples"
+    n = e.n_samples if e.n_samples is not None else (1 if training else r.n_samples)
+    if e.temperature is not None:
+        t_key, temperature = "eval.temperature", e.temperature
+    elif training and n == 1:
+        t_key, temperature = "eval.temperature", 0.0  # one greedy response per prompt
+    else:
+        t_key, temperature = "rollout.temperature", r.temperature
+    for k in e.ks:
         if k > n:
-            raise ConfigError(f"eval.ks: k={k} is more than the rollout.n_samples={n} samples per prompt; pass@k "
-                              f"and maj@k take k of a prompt's n samples, so raise rollout.n_samples to >= {k}")
-    if cfg.rollout.temperature == 0 and n > 1:
-        raise ConfigError(f"rollout.temperature: 0 is greedy decoding, which makes the n_samples={n} samples of a "
-                          "prompt one and the same response; set a temperature > 0 for pass@k / maj@k (and "
-                          "eval.greedy=true for a greedy response beside them), or rollout.n_samples=1")
+            raise ConfigError(f"eval.ks: k={k} is more than the {n_key}={n} samples per prompt; pass@k and maj@k "
+                              f"take k of a prompt's n samples, so raise {n_key} to >= {k}")
+    if temperature == 0 and n > 1:
+        raise ConfigError(f"{t_key}: 0 is greedy decoding, which makes the {n_key}={n} samples of a prompt one and "
+                          "the same response; set a temperature > 0 for pass@k / maj@k (and eval.greedy=true for a "
+                          f"greedy response beside them), or {n_key}=1")
+    return EvalSettings(n=n, temperature=temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                        ks=tuple(e.ks) or tuple(sorted({1, n})), correct_threshold=e.correct_threshold,
+                        vote_on=e.vote_on, greedy=e.greedy)
+
+
+def best_mode(metric: str, mode: Optional[str]) -> Literal["max", "min"]:
+    """Which way ``metric`` improves: ``mode`` when given, else min for a loss (a metric with "loss" in its
+    name) and max for anything else (rewards, accuracies, pass@k)."""
+    if mode is not None:
+        return mode  # type: ignore[return-value]
+    return "min" if "loss" in metric.rsplit("/", 1)[-1] else "max"
+
+
+def _best(cfg: "Config", evaluation: Optional[EvalSettings]) -> Optional[BestSettings]:
+    """``train.keep_best``, checked: a job that trains, evaluations to choose among, and for the rollout jobs a
+    metric their evaluation logs (the offline jobs' eval keys are checked at their first evaluation)."""
+    tc, metric = cfg.train, cfg.train.keep_best
+    if metric is None:
+        return None
+    if cfg.job in ("eval", "best_of_n"):
+        raise ConfigError(f"train.keep_best: job {cfg.job} trains no model to keep; leave it unset")
+    if not metric.startswith("eval/"):
+        raise ConfigError(f"train.keep_best: names a held-out eval metric (eval/...), got {metric!r}; the best model "
+                          "is chosen among the evaluations")
+    if not tc.eval_every:
+        raise ConfigError("train.keep_best: the best model is chosen among the evaluations; set train.eval_every > 0")
+    if not cfg.data.eval_path and cfg.data.eval_fraction <= 0:
+        raise ConfigError("train.keep_best: needs a held-out set to evaluate on: data.eval_fraction or data.eval_path")
+    if evaluation is not None and not metric.startswith("eval/reward/"):
+        names = eval_metric_names(evaluation)
+        if metric not in names:
+            raise ConfigError(f"train.keep_best: the evaluation of job {cfg.job} logs no {metric!r}; it logs "
+                              f"{', '.join(names)} and eval/reward/<source>_mean")
+    return BestSettings(metric, best_mode(metric, tc.keep_best_mode))
 
 
 def _old_logprobs(cfg: "Config") -> Literal["learner", "update", "rollout"]:

@@ -15,6 +15,7 @@ from rlhf_ray.config.schema import RL_JOBS, LearnerConfig, ModelConfig, OptimCon
 if TYPE_CHECKING:
     from rlhf_ray.config.schema import Config
     from rlhf_ray.controller.placement import PlacementPlan, RoleRequest
+    from rlhf_ray.evaluation.summary import EvalSettings
 
 Accelerator = Literal["cuda", "cpu"]
 Head = Literal["causal_lm", "sequence_score", "token_value"]
@@ -85,6 +86,15 @@ class RLSettings:
     off_policy_correction: Optional[str] = None
     """``algo.off_policy_correction`` where the loss applies it; None where pi_old is the engine's own log-probs
     (``old_logprobs: rollout``): the ratio is 1 by definition and the rollout log-probs are not shipped."""
+
+
+@dataclass(frozen=True)
+class BestSettings:
+    """``train.keep_best``: which eval metric picks the model kept in ``<output_dir>/best/``, and which way."""
+
+    metric: str
+    mode: Literal["max", "min"]
+    """``train.keep_best_mode``, or its default: min for a metric with "loss" in its name, else max."""
 
 
 @dataclass(frozen=True)
@@ -180,6 +190,10 @@ class Resolved:
     """In placement-request order (the planner's pools follow it)."""
     max_restarts: int
     """``train.max_restarts``, or its default for the job (3 for the rollout jobs, 0 for the others)."""
+    evaluation: Optional["EvalSettings"] = None
+    """How job eval, and the held-out evaluation of a rollout training job, sample and count (``eval.*``)."""
+    best: Optional[BestSettings] = None
+    """``train.keep_best``, or None."""
 
     @property
     def job(self) -> str:
@@ -242,4 +256,7 @@ class Resolved:
                 "batch": dataclasses.asdict(self.batch), "reference": self.reference,
                 "rl": dataclasses.asdict(self.rl) if self.rl else None,
                 "sync": dataclasses.asdict(self.sync) if self.sync else None, "roles": roles, "placement": pools,
-                "max_restarts": self.max_restarts}
+                "max_restarts": self.max_restarts,
+                "evaluation": ({**dataclasses.asdict(self.evaluation), "ks": list(self.evaluation.ks)}
+                               if self.evaluation else None),
+                "best": dataclasses.asdict(self.best) if self.best else None}

@@ -189,6 +189,15 @@ class TrainConfig:
     """Checkpoint every K steps (0 = only at the end)."""
     keep_checkpoints: int = 2
     eval_every: int = 0
+    """Evaluate on the held-out set (``data.eval_fraction`` / ``data.eval_path``) every K steps and after the last
+    (0 = never). Rollout training jobs also evaluate before the first step (logged at step 0) and sample as the
+    ``eval`` section says; the preference jobs evaluate at step 0 too."""
+    keep_best: Optional[str] = None
+    """An eval metric (e.g. ``eval/pass@1``, ``eval/loss``): after every evaluation that beats the best so far by
+    it (``keep_best_mode``), the policy is exported to ``<output_dir>/best/`` (with ``best.json``: metric, value,
+    step), replaced atomically as ``final/`` is. Needs ``eval_every`` and a held-out set."""
+    keep_best_mode: Optional[Literal["max", "min"]] = None
+    """max: higher is better; min: lower is. Unset: min for a metric with "loss" in its name, else max."""
     resume: bool = False
     """Continue from the latest checkpoint in output_dir: step, data position, optimizer, scheduler, RNG. A
     checkpoint of another job is refused; one trained from another model or data is refused unless
@@ -221,6 +230,9 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "max_steps", "must be >= 1")
         _check(self.save_every >= 0, "save_every", "must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
+        _check(self.eval_every >= 0, "eval_every", "must be >= 0")
+        _check(self.keep_best is None or bool(self.keep_best.strip()), "keep_best",
+               "must name an eval metric (e.g. eval/pass@1), or be null")
         _check(self.timeout_s > 0, "timeout_s", "must be > 0")
         _check(self.start_timeout_s > 0, "start_timeout_s", "must be > 0")
         _check(self.max_restarts is None or self.max_restarts >= 0, "max_restarts", "must be >= 0")

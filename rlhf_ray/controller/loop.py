@@ -1,7 +1,8 @@
 """What every job's loop shares: the schedule, the epoch order over its data, checkpoints, metrics, ``run``.
 
-``TrainLoop.run`` is the whole life of a run: resume -> before_run -> for each step: ``step`` -> evaluate when
-due -> log -> checkpoint when due -> final evaluation -> final checkpoint and ``final/``. The subclasses say
+``TrainLoop.run`` is the whole life of a run: resume -> before_run -> evaluation before training (logged at step 0)
+-> for each step: ``step`` -> evaluate when due (and after the last step) -> log -> checkpoint when due -> final
+checkpoint and ``final/``. Each evaluation may replace ``best/`` (``train.keep_best``). The subclasses say
 what one step is: ``RLLoop`` (rollouts, PPO / GRPO / REINFORCE family), ``OnlineDPOLoop`` and ``OfflineLoop``
 (SFT, reward model, DPO, KTO).
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-from rlhf_ray.checkpoint import CheckpointDir, data_fingerprint, publish_final
+from rlhf_ray.checkpoint import BestModel, CheckpointDir, data_fingerprint, publish_final
 from rlhf_ray.config import ConfigError, save_config, to_dict
 from rlhf_ray.config.schema import RL_JOBS
 from rlhf_ray.controller.recovery import Recoveries
@@ -114,6 +115,8 @@ class TrainLoop:
         self.order = EpochOrder(n_items, schedule, cfg.train.seed, cfg.data.shuffle)
         self.ckpt = CheckpointDir(output_dir, keep=cfg.train.keep_checkpoints)
         self.policy: "LearnerRole" = roles.actor or roles.learner  # type: ignore[assignment]
+        self.best: Optional[BestModel] = None
+        """``best/`` (``train.keep_best``), set up by ``run`` once it knows whether the run resumes."""
         # The efficiency report: every phase beside its floor on the device measured here, once per run.
         self.calibration = self.policy.calibrate()
 
@@ -125,8 +128,8 @@ class TrainLoop:
         """Whether the run has held-out data to evaluate on."""
         return False
 
-    def evaluate(self) -> dict[str, float]:
-        """Held-out metrics."""
+    def evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics of the policy after ``step`` steps (0: before training)."""
         return {}
 
     def eval_due(self, step: int) -> bool:
@@ -135,8 +138,23 @@ class TrainLoop:
         return self.has_eval() and bool(every) and (step + 1) % every == 0
 
     def final_eval_due(self) -> bool:
-        """Whether to evaluate once more at the end (RL: when evaluating at all)."""
+        """Whether to evaluate after the last step too (RL: when evaluating at all)."""
         return self.has_eval() and bool(self.cfg.train.eval_every)
+
+    def initial_eval_due(self) -> bool:
+        """Whether to evaluate the model as given, before the first step (logged at step 0): RL when evaluating at
+        all, a before / after comparison."""
+        return self.final_eval_due()
+
+    def evaluated(self, step: int) -> dict[str, float]:
+        """``evaluate(step)``, offered to ``best/`` when ``train.keep_best`` is set."""
+        metrics = self.evaluate(step)
+        if self.best is not None:
+            tokenizer = self.resolved.paths.tokenizer
+            if self.best.offer(step, metrics, lambda d: self.policy.export_hf(str(d), tokenizer)):
+                log.info("best %s so far at step %d: %s -> %s", self.best.metric, step, metrics[self.best.metric],
+                         self.best.dir)
+        return metrics
 
     def before_run(self, start: int) -> dict[str, float]:
         """Anything to do (and log at ``start``) before the first step; returns metrics to log, or {}."""
@@ -195,26 +213,29 @@ class TrainLoop:
         """Train from the latest checkpoint (or step 0) to ``total_steps``; returns paths and the last metrics."""
         cfg, tc, total = self.cfg, self.cfg.train, self.schedule.total_steps
         start = self.resume()
+        if self.resolved.best is not None:
+            self.best = BestModel(self.output_dir, self.resolved.best.metric, self.resolved.best.mode, start > 0)
         logged = {**to_dict(cfg), "resolved": self.resolved.to_dict()}
         logger = MetricsLogger(cfg.logging, self.output_dir, total, logged, start, job=self.name)
         last: dict[str, float] = {}
         initial: dict[str, float] = {}
         try:
             initial = self.before_run(start)
+            if start == 0 and self.initial_eval_due():
+                initial.update(self.evaluated(0))
             if initial:
                 logger.log(0, initial)
             for step in range(start, total):
                 self.recoveries.step = step
                 metrics = self.step(step)
-                if self.eval_due(step):
-                    metrics.update(self.evaluate())
+                # After the last step too, once: the final model's numbers are in the last logged row.
+                if self.eval_due(step) or (step + 1 == total and self.final_eval_due()):
+                    metrics.update(self.evaluated(step + 1))
                 metrics.update(self.recoveries.metrics())
                 logger.log(step + 1, metrics)
                 last = metrics
                 if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < total:
                     self.save(step + 1)
-            if self.final_eval_due():
-                last.update(self.evaluate())
             latest = self.ckpt.latest()
             final_ckpt = self.save(total) if total > start or latest is None else latest
         finally:
@@ -223,4 +244,7 @@ class TrainLoop:
         result = {"output_dir": str(self.output_dir), "final_model": str(final), "steps": total, "metrics": last}
         if initial:
             result["initial_eval"] = initial
+        if self.best is not None and self.best.record is not None:
+            result["best_model"] = str(self.best.dir)
+            result["best"] = self.best.record
         return result

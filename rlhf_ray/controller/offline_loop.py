@@ -124,15 +124,13 @@ class OfflineLoop(TrainLoop):
     def final_eval_due(self) -> bool:
         return self.has_eval()
 
-    def evaluate(self) -> dict[str, float]:
+    def initial_eval_due(self) -> bool:
+        return self.has_eval() and self.task.eval_before_training
+
+    def evaluate(self, step: int) -> dict[str, float]:
         assert self.eval_batches is not None
         objective, totals = self.prepared(self.eval_batches, list(self.evaluation), float(self.accum * self.W))
         sums = self.eval_batches.evaluate(self.policy, objective, totals)
         prefix = self.task.eval_prefix
         return {k.replace("train/", f"{prefix}/"): v for k, v in self.task.reduce(sums).items()
                 if k.startswith("train/")}
-
-    def before_run(self, start: int) -> dict[str, float]:
-        if self.has_eval() and self.task.eval_before_training and start == 0:
-            return self.evaluate()
-        return {}

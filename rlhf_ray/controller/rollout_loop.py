@@ -32,6 +32,7 @@ from rlhf_ray.controller.rl_metrics import rollout_metrics
 from rlhf_ray.controller.worker_group import RemoteCallError, RemoteCallTimeout
 from rlhf_ray.efficiency import ModelShape, efficiency_metrics, rl_step_counts
 from rlhf_ray.engines.rollout_engine import SamplingSpec
+from rlhf_ray.evaluation.summary import SampleSet, summarize
 from rlhf_ray.metrics import PhaseTimer
 from rlhf_ray.weight_sync.channel import SyncChannel
 
@@ -69,6 +70,9 @@ class Done:
 
     def result(self) -> tuple[Any, Any]:
         return self.batch, self.gens
+
+EVAL_STREAM = 1
+"""The third entropy word of ``RolloutLoop.eval_seed``: evaluation seeds are drawn apart from the training steps'."""
 
 
 class RolloutLoop(TrainLoop):
@@ -340,13 +344,39 @@ class RolloutLoop(TrainLoop):
     def has_eval(self) -> bool:
         return self.eval_prompts is not None
 
-    def evaluate(self) -> dict[str, float]:
-        """Mean reward of one greedy response per held-out prompt (``data.eval_fraction`` / ``eval_path``)."""
+    def eval_seed(self, step: int) -> int:
+        """The seed of the evaluation after ``step`` steps: a function of (engine seed, step) drawn from another
+        stream than ``sampling_seed``'s (a third entropy word), so an evaluation never draws a training step's
+        samples; the next step reseeds the engines for its own sampling, so evaluating or not, training samples
+        the same."""
+        return int(np.random.SeedSequence([self.resolved.role("rollout").seed, step, EVAL_STREAM]).generate_state(1)[0])
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        """The held-out prompts (``data.eval_fraction`` / ``eval_path``) sampled as ``Resolved.evaluation`` says
+        (``eval.n_samples`` per prompt at ``eval.temperature``; one greedy response by default) and scored with the
+        training rewards: ``eval/`` mean reward, accuracy, pass@k and maj@k (``rlhf_ray.evaluation``), response
+        length; with ``eval.greedy`` one greedy response per prompt more, under ``eval/greedy/``."""
+        settings = self.resolved.evaluation
+        assert settings is not None
+        self.engines_current()  # one step off: the engines may still hold the weights before the last update
+        spec = dataclasses.replace(self.spec, n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
+                                   max_tokens=settings.max_new_tokens)
+        numbers = summarize(self.eval_samples(spec, step), settings, settings.ks)
+        out = {f"eval/{k}": v for k, v in numbers.items()}
+        if settings.greedy:
+            greedy = summarize(self.eval_samples(dataclasses.replace(spec, n=1, temperature=0.0), step), settings, ())
+            out.update({f"eval/greedy/{k}": v for k, v in greedy.items()})
+        return out
+
+    def eval_samples(self, spec: SamplingSpec, step: int) -> SampleSet:
+        """Every held-out prompt sampled as ``spec`` (engines reseeded from ``eval_seed(step)``) and scored."""
         prompts = list(self.eval_prompts)
-        self.engines_current()
-        spec = dataclasses.replace(self.spec, n=1, temperature=0.0)
-        batch, _ = self.on_engines(lambda: self.roles.rollout.generate([p.prompt_ids for p in prompts], spec,
-                                                                       self.tokenizer.pad_token_id))
-        score_batch(self.scorer, batch, attach_prompts(batch, prompts))
-        return {"eval/reward_mean": float(batch.rewards.mean()),
-                "eval/response_length_mean": float(batch.response_lengths.mean())}
+
+        def sample() -> tuple[Any, Any]:
+            self.roles.rollout.reseed(self.eval_seed(step))
+            return self.roles.rollout.generate([p.prompt_ids for p in prompts], spec, self.tokenizer.pad_token_id)
+
+        batch, _ = self.on_engines(sample)
+        samples = SampleSet()
+        samples.add_batch(batch, score_batch(self.scorer, batch, attach_prompts(batch, prompts)))
+        return samples

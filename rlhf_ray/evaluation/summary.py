@@ -10,20 +10,18 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Hashable, Optional
+from typing import Any, Hashable, Optional
 
 from rlhf_ray.evaluation.metrics import maj_at_k, pass_at_k
-
-if TYPE_CHECKING:
-    from rlhf_ray.config import Config
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What one evaluation samples and how it counts (from ``rollout.*`` and ``eval.*``)."""
+    """What one evaluation samples and how it counts: ``eval.*`` and ``rollout.*`` resolved once
+    (``rlhf_ray.config.resolve``, ``Resolved.evaluation``)."""
 
     n: int
-    """Samples per prompt (``rollout.n_samples``)."""
+    """Samples per prompt (``eval.n_samples``, or its default)."""
     temperature: float
     top_p: float
     max_new_tokens: int
@@ -34,12 +32,17 @@ class EvalSettings:
     """``math_answer`` or ``response`` (see ``vote_key``)."""
     greedy: bool
 
-    @classmethod
-    def from_config(cls, cfg: "Config") -> "EvalSettings":
-        r, e = cfg.rollout, cfg.eval
-        return cls(n=r.n_samples, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
-                   ks=tuple(e.ks) or tuple(sorted({1, r.n_samples})), correct_threshold=e.correct_threshold,
-                   vote_on=e.vote_on, greedy=e.greedy)
+
+SAMPLE_MEANS = ("reward_mean", "reward_std", "accuracy", "response_length_mean", "truncated_fraction")
+"""The numbers ``summarize`` gives of every pass, beside each reward source's ``reward/<name>_mean``."""
+
+
+def eval_metric_names(settings: EvalSettings) -> list[str]:
+    """The ``eval/`` keys an evaluation with ``settings`` logs, without the per-source ``eval/reward/<name>_mean``
+    (what ``summarize`` returns, prefixed: the sampled pass, then the greedy one under ``eval/greedy/``)."""
+    names = [*SAMPLE_MEANS, *(f"pass@{k}" for k in settings.ks), *(f"maj@{k}" for k in settings.ks)]
+    greedy = [f"greedy/{n}" for n in SAMPLE_MEANS] if settings.greedy else []
+    return [f"eval/{n}" for n in names + greedy]
 
 
 def vote_key(response: str, vote_on: str) -> Optional[Hashable]:
@@ -78,6 +81,13 @@ class SampleSet:
         for key, mean in source_means.items():
             self.source_sums[key] = self.source_sums.get(key, 0.0) + mean * len(rewards)
 
+    def add_batch(self, batch: Any, reward_metrics: dict[str, float], offset: int = 0) -> None:
+        """One scored ``RolloutBatch`` (its ``group_index`` is the prompt's position in the generate call, shifted by
+        ``offset``) with the metrics ``score_batch`` returned for it (its ``reward/`` keys are the sources' means)."""
+        self.add([offset + g for g in batch.group_index.tolist()], list(batch.responses), batch.rewards.tolist(),
+                 [int(n) for n in batch.response_lengths.tolist()], list(batch.finish_reasons),
+                 {k: v for k, v in reward_metrics.items() if k.startswith("reward/")})
+
     def __len__(self) -> int:
         return len(self.rewards)
 
@@ -102,7 +112,7 @@ def summarize(samples: SampleSet, settings: EvalSettings, ks: tuple[int, ...]) -
     S = len(samples)
     out = {"reward_mean": statistics.fmean(samples.rewards), "reward_std": statistics.pstdev(samples.rewards),
            "accuracy": sum(correct) / S, "response_length_mean": statistics.fmean(samples.lengths),
-           "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / S}
+           "truncated_fraction": sum(r == "length" for r in samples.finish_reasons) / S}  # SAMPLE_MEANS
     out.update({key: total / S for key, total in sorted(samples.source_sums.items())})
     groups = samples.groups()
     keys = [vote_key(r, settings.vote_on) for r in samples.responses] if ks else []

@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RUN_PARTS = ("metrics.jsonl", "checkpoints", "final", "tensorboard", "eval.json", "eval_samples.jsonl", "report.html")
+RUN_PARTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", "eval.json", "eval_samples.jsonl",
+             "report.html")
 """What a run writes into ``train.output_dir`` (and ``train.overwrite`` removes)."""
 
 

@@ -2,8 +2,9 @@
 
 The model (``model.path``: a hub name, a local directory, or a run's ``final/``) is loaded into
 ``rollout.num_engines`` vLLM engines (Ray actors, ``rollout.tensor_parallel_size`` GPUs each; no learner is
-started). Each prompt gets ``rollout.n_samples`` samples at ``rollout.temperature`` (and with ``eval.greedy`` one
-greedy response too), scored by the ``reward`` section exactly as a training run scores its rollouts (functions,
+started). Each prompt gets ``rollout.n_samples`` samples at ``rollout.temperature`` (``eval.n_samples`` and
+``eval.temperature`` override them; ``Resolved.evaluation`` holds what was resolved), and with ``eval.greedy`` one
+greedy response too, scored by the ``reward`` section exactly as a training run scores its rollouts (functions,
 HTTP endpoints, a reward model). The prompt set is the config's held-out prompts when it has them
 (``data.eval_path`` or ``data.eval_fraction``: what a training run with the config evaluates on), else every prompt
 of ``data.path``; prompts go to the engines ``algo.prompts_per_step`` at a time.
@@ -71,9 +72,7 @@ def sample_and_score(ctx: JobContext, scorer: Any, spec: Any):
         metrics = score_batch(scorer, batch, attach_prompts(batch, part))
         reward_s += time.perf_counter() - t1
         generate_s += t1 - t0
-        samples.add([start + g for g in batch.group_index.tolist()], list(batch.responses), batch.rewards.tolist(),
-                    [int(n) for n in batch.response_lengths.tolist()], list(batch.finish_reasons),
-                    {k: v for k, v in metrics.items() if k.startswith("reward/")})
+        samples.add_batch(batch, metrics, offset=start)
     return samples, generate_s, reward_s
 
 
@@ -82,13 +81,14 @@ def evaluate(ctx: JobContext) -> dict[str, Any]:
     from rlhf_ray.config import to_dict
     from rlhf_ray.controller.reward_scoring import RewardScorer
     from rlhf_ray.engines.rollout_engine import SamplingSpec
-    from rlhf_ray.evaluation.summary import EvalSettings, eval_document, sample_rows, summarize
+    from rlhf_ray.evaluation.summary import eval_document, sample_rows, summarize
     from rlhf_ray.metrics import MetricsLogger
 
     cfg, out = ctx.resolved.config, ctx.output_dir
-    settings = EvalSettings.from_config(cfg)
+    settings = ctx.resolved.evaluation
+    assert settings is not None
     scorer = RewardScorer.from_resolved(ctx.resolved, ctx.roles.reward_model, ctx.tokenizer)
-    spec = SamplingSpec.from_config(cfg.rollout)
+    spec = SamplingSpec.from_config(cfg.rollout, n=settings.n, temperature=settings.temperature)
     sampled, generate_s, reward_s = sample_and_score(ctx, scorer, spec)
     sampled_numbers = summarize(sampled, settings, settings.ks)
     greedy, greedy_numbers = None, None

@@ -170,3 +170,35 @@ def test_a_killed_learner_rank_restarts_the_roles_and_resumes_ppo_exactly(straig
     assert record["action"] == "restart" and "actor[rank 1]" in record["cause"] and "died" in record["cause"]
     assert resumed["action"] == "resumed" and resumed["step"] == FAULT_STEP  # from the step-2 checkpoint, not 0
     assert resumed["checkpoint"].endswith("step_000002")
+
+# ---- evaluation during training (train.eval_every with sampling, train.keep_best) --------------------------------
+
+def test_evaluating_during_training_changes_no_training_sample_and_keeps_the_best(straight, tiny_model_dir, tmp_path):
+    """An evaluation before the first step and after every step, sampling 4 responses per held-out prompt at
+    temperature 1 (engines reseeded for it from another stream): every step's training metrics equal those of the
+    run that never evaluates, and best/ holds the model of the evaluation with the highest pass@1."""
+    from safetensors.torch import load_file
+
+    heldout = tmp_path / "heldout.jsonl"  # data.eval_path: the training prompts stay those of the straight run
+    heldout.write_text("".join(json.dumps({"prompt": f"Repeat the number {i % 10}.", "answer": str(i % 10)}) + "\n"
+                               for i in range(16)))
+    out = tmp_path / "run"
+    rows = _grpo(tiny_model_dir, out, **{
+        "data.eval_path": str(heldout), "train.eval_every": 1, "eval.n_samples": 4, "eval.temperature": 1.0,
+        "train.keep_best": "eval/pass@1", "train.save_every": 1, "train.keep_checkpoints": STEPS})
+    assert [r["step"] for r in rows] == list(range(STEPS + 1))  # step 0: the model as given, before training
+    assert _compared(rows[1:]) == straight
+    for r in rows:
+        # 16 prompts x 4 samples: pass@1 is the fraction correct; pass@4 the prompts with any correct sample
+        assert r["eval/pass@1"] == pytest.approx(r["eval/accuracy"], abs=1e-9) and r["eval/pass@1"] <= r["eval/pass@4"]
+        assert r["eval/pass@1"] * 64 == pytest.approx(round(r["eval/pass@1"] * 64), abs=1e-9)
+        assert {"eval/maj@1", "eval/maj@4", "eval/reward_mean", "eval/reward/math_mean"} <= set(r)
+
+    scores = [(r["eval/pass@1"], -r["step"]) for r in rows]
+    value, step = max(scores)[0], -max(scores)[1]  # the highest, the earliest of equals
+    record = json.loads((out / "best" / "best.json").read_text())
+    assert record == {"metric": "eval/pass@1", "mode": "max", "value": value, "step": step}
+    # best/ is the policy at that evaluation: the model as given (step 0) or the checkpoint of that step.
+    source = Path(tiny_model_dir) if step == 0 else out / "checkpoints" / f"step_{step:06d}" / "model"
+    best, want = load_file(out / "best" / "model.safetensors"), load_file(source / "model.safetensors")
+    assert best.keys() == want.keys() and all(bool((best[k] == want[k]).all()) for k in best)

@@ -88,7 +88,7 @@ def test_report_of_a_training_run(grpo_tiny_run, clone, tmp_path):
             assert f"<code>{key}</code>" in figures[section], (section, key)
     # The placement table: the two DeepSpeed learners and the one vLLM engine of the GRPO example.
     assert page.count("<tr><td>actor</td>") == 2 and page.count("<tr><td>rollout</td>") == 1
-    assert "job: <code>grpo</code>" in page and "4 logged steps" in page
+    assert "job: <code>grpo</code>" in page and "5 logged steps" in page  # step 0: the eval before training
     _screenshot(run.run_dir / "report.html", tmp_path)
 
 

@@ -1,5 +1,6 @@
 """Atomic checkpoint directories, placement plans and the LR schedule (no cluster needed)."""
 
+import json
 import math
 
 import pytest
@@ -91,3 +92,46 @@ def test_lr_schedule_values():
     assert math.isclose(lr_multiplier(6, 10, 2, "linear", 0.1), 0.55, rel_tol=1e-12)
     assert math.isclose(lr_multiplier(10, 10, 2, "linear", 0.1), 0.1, rel_tol=1e-12)
     assert lr_multiplier(7, 10, 0, "constant", 0.0) == 1.0
+
+
+# ---- best/ (train.keep_best) ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, best, mode, expected", [
+    (0.5, None, "max", True),              # anything beats no best yet
+    (0.6, 0.5, "max", True), (0.5, 0.5, "max", False), (0.4, 0.5, "max", False),   # strictly: ties keep the earlier
+    (0.4, 0.5, "min", True), (0.5, 0.5, "min", False), (0.6, 0.5, "min", False),
+    (float("nan"), None, "max", False),    # a NaN evaluation is never the best
+    (0.1, float("nan"), "min", True),
+])
+def test_improves(value, best, mode, expected):
+    from rlhf_ray.checkpoint import improves
+
+    assert improves(value, best, mode) is expected
+
+
+def test_best_model_is_replaced_only_by_a_better_evaluation_and_read_back_on_resume(tmp_path):
+    from rlhf_ray.checkpoint import BestModel
+    from rlhf_ray.config import ConfigError
+
+    def export(tag):
+        def write(d):  # what LearnerRole.export_hf does: a fresh directory holding the model files
+            d.mkdir(parents=True)
+            (d / "model.safetensors").write_text(tag)
+        return write
+
+    best = BestModel(tmp_path, "eval/pass@1", "max", resume=False)
+    assert best.offer(0, {"eval/pass@1": 0.25}, export("step0"))
+    assert not best.offer(2, {"eval/pass@1": 0.25}, export("step2"))       # a tie keeps step 0's model
+    assert best.offer(4, {"eval/pass@1": 0.5}, export("step4"))
+    assert not best.offer(6, {"eval/pass@1": 0.375}, export("step6"))
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "step4"
+    record = {"metric": "eval/pass@1", "mode": "max", "value": 0.5, "step": 4}
+    assert json.loads((tmp_path / "best" / "best.json").read_text()) == record == best.record
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]          # the staging directory is gone
+    # A resumed run competes with the record; a fresh one (or another rule) starts over.
+    assert BestModel(tmp_path, "eval/pass@1", "max", resume=True).record == record
+    assert BestModel(tmp_path, "eval/pass@1", "min", resume=True).record is None
+    assert BestModel(tmp_path, "eval/pass@1", "max", resume=False).record is None
+    with pytest.raises(ConfigError, match=r"train.keep_best: the evaluation logged no 'eval/pass@1'; it logs "
+                                          r"eval/loss"):
+        best.offer(8, {"eval/loss": 1.0}, export("step8"))

@@ -125,3 +125,64 @@ def test_one_run_per_output_dir_and_no_resume_that_would_drop_metrics(tmp_path):
     cfg = load_config(values={"model.path": "m", "train.output_dir": str(tmp_path), "train.resume": True})
     with pytest.raises(ConfigError, match="train.resume: .* has no complete checkpoint to resume from"):
         check_output_dir(resolve(cfg))
+
+
+# ---- evaluation settings and train.keep_best ----------------------------------------------------------------
+
+def _rl(job="grpo", **values):
+    return load_config(values={"job": job, "model.path": "m", "reward.functions": ["builtin:math"],
+                               "rollout.n_samples": 4, "rollout.temperature": 0.7, **values})
+
+
+def test_training_evaluates_one_greedy_response_unless_told_to_sample():
+    ev = resolve(_rl()).evaluation
+    assert (ev.n, ev.temperature, ev.ks) == (1, 0.0, (1,))        # as before: one greedy response per prompt
+    ev = resolve(_rl(**{"eval.n_samples": 8})).evaluation
+    assert (ev.n, ev.temperature, ev.ks) == (8, 0.7, (1, 8))      # sampled at the rollout temperature
+    ev = resolve(_rl(**{"eval.n_samples": 8, "eval.temperature": 1.0, "eval.ks": [2]})).evaluation
+    assert (ev.n, ev.temperature, ev.ks) == (8, 1.0, (2,))
+    ev = resolve(_rl("eval")).evaluation                          # job eval: its rollout section is the eval's
+    assert (ev.n, ev.temperature, ev.ks) == (4, 0.7, (1, 4))
+    assert resolve(load_config(values={"job": "sft", "model.path": "m"})).evaluation is None
+
+
+@pytest.mark.parametrize("values, expected", [
+    ({"eval.ks": [2]}, "eval.ks: k=2 is more than the eval.n_samples=1 samples per prompt"),
+    ({"eval.n_samples": 4, "eval.temperature": 0.0}, "eval.temperature: 0 is greedy decoding, which makes the "
+                                                     "eval.n_samples=4 samples"),
+    ({"train.keep_best": "eval/pass@2", "train.eval_every": 2, "data.eval_fraction": 0.1},
+     "train.keep_best: the evaluation of job grpo logs no 'eval/pass@2'; it logs eval/reward_mean"),
+    ({"train.keep_best": "rollout/reward_mean", "train.eval_every": 2, "data.eval_fraction": 0.1},
+     "train.keep_best: names a held-out eval metric (eval/...)"),
+    ({"train.keep_best": "eval/pass@1", "data.eval_fraction": 0.1}, "train.keep_best: the best model is chosen "
+                                                                    "among the evaluations; set train.eval_every"),
+    ({"train.keep_best": "eval/pass@1", "train.eval_every": 2}, "train.keep_best: needs a held-out set"),
+    ({"train.keep_best": "eval/pass@1", "job": "eval"}, "train.keep_best: job eval trains no model"),
+    ({"eval.n_samples": 0}, "eval.n_samples: must be >= 1"),
+])
+def test_bad_eval_and_keep_best_settings_name_the_key(values, expected):
+    with pytest.raises(ConfigError) as err:
+        _rl(**values)
+    assert expected in str(err.value), str(err.value)
+
+
+def test_keep_best_resolves_its_direction():
+    base = {"train.eval_every": 2, "data.eval_fraction": 0.1}
+    assert resolve(_rl(**base, **{"train.keep_best": "eval/pass@1"})).best.mode == "max"
+    assert resolve(_rl(**base, **{"train.keep_best": "eval/reward/math_mean"})).best.mode == "max"  # a source's mean
+    sft = load_config(values={"job": "sft", "model.path": "m", **base, "train.keep_best": "eval/loss"})
+    assert resolve(sft).best.mode == "min"                         # offline keys are checked at the first eval
+    assert resolve(_rl(**base, **{"train.keep_best": "eval/response_length_mean", "train.keep_best_mode": "min"})
+                   ).best.mode == "min"
+
+
+def test_eval_metric_names_are_what_summarize_returns():
+    from rlhf_ray.evaluation.summary import EvalSettings, SampleSet, eval_metric_names, summarize
+
+    settings = EvalSettings(n=2, temperature=1.0, top_p=1.0, max_new_tokens=2, ks=(1, 2), correct_threshold=1.0,
+                            vote_on="response", greedy=True)
+    s = SampleSet()
+    s.add([0, 0], ["1", "2"], [1.0, 0.0], [1, 1], ["stop", "stop"], {})
+    logged = [f"eval/{k}" for k in summarize(s, settings, settings.ks)]
+    logged += [f"eval/greedy/{k}" for k in summarize(s, settings, ())]
+    assert sorted(eval_metric_names(settings)) == sorted(logged)
