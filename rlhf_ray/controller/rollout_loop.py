@@ -135,12 +135,15 @@ class RolloutLoop(TrainLoop):
 
     def load_files(self, directory: Path, step: int) -> None:
         path = directory / AHEAD_FILE
-        if not path.exists() or not self.one_step_off:
-            return  # a sync run resumed from a one_step_off checkpoint samples that step anew
+        if not path.exists():
+            return
+        saved = torch.load(path, weights_only=True)
+        if not self.one_step_off:  # a sync run resumed from a one-step-off checkpoint: take those prompts again
+            self.cursor.taken -= len(saved["prompt_indices"])
+            return
         from rlhf_ray.controller.roles import batch_of
         from rlhf_ray.engines.rollout_engine import Generations
 
-        saved = torch.load(path, weights_only=True)
         gens = Generations.from_state(saved["generations"])
         indices = [int(i) for i in saved["prompt_indices"]]
         batch = batch_of([self.prompts[i].prompt_ids for i in indices], gens, self.tokenizer.pad_token_id)
