@@ -1,4 +1,4 @@
-"""The ``rlhf-ray`` command: train, validate, eval, report, make-tiny-model, demo.
+"""The ``rlhf-ray`` command: train, validate, eval, pipeline, report, make-tiny-model, demo.
 
 Thin on purpose: parse -> build the config -> run the job -> report. Config errors exit with code 2
 and a one-line message naming the key (no traceback); anything else propagates.
@@ -26,6 +26,12 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="sample a model on a prompt set, score with the rewards: pass@k, maj@k, reward")
     e.add_argument("config", help="YAML config file (run as job: eval, whatever its job key says)")
     e.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.path=runs/grpo/final")
+    pl = sub.add_parser("pipeline", help="run named stages in order (outputs feed later stages), gates between them")
+    pl.add_argument("pipeline", help="pipeline YAML file: output_dir, stages (config, overrides, gates)")
+    pl.add_argument("overrides", nargs="*", help="dotted key=value overrides of the pipeline file, e.g. "
+                                                 "stages.sft.overrides.train.max_steps=10")
+    pl.add_argument("--restart", metavar="STAGE", help="run STAGE and every later stage again, even if done")
+    pl.add_argument("--dry-run", action="store_true", help="check the file and print the plan; run nothing")
     r = sub.add_parser("report", help="one HTML page of a run: metrics over steps, phase times, placement, eval")
     r.add_argument("run_dir", help="a run's train.output_dir")
     r.add_argument("--out", default=None, help="where to write the page (default: RUN_DIR/report.html)")
@@ -100,6 +106,20 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pipeline(path: str, overrides: list[str], restart: str | None, dry_run: bool) -> int:
+    """Exit code 0 when every stage ran and every gate passed, 1 when a gate failed (what and why printed)."""
+    from rlhf_ray.pipeline import load_pipeline
+    from rlhf_ray.pipeline.run import describe, run_pipeline, summary
+
+    spec = load_pipeline(path, overrides)
+    if dry_run:
+        print(describe(spec, restart))
+        return 0
+    result = run_pipeline(spec, restart)
+    print(summary(result))
+    return 0 if result.passed else 1
+
+
 def cmd_demo(output_dir: str, steps: int) -> int:
     """The embedded default: tiny model + demo arithmetic set, 2 CPU learners with ZeRO-2."""
     from rlhf_ray.config import load_config
@@ -136,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_validate(args.config, args.overrides)
         if args.command == "eval":
             return cmd_eval(args.config, args.overrides)
+        if args.command == "pipeline":
+            return cmd_pipeline(args.pipeline, args.overrides, args.restart, args.dry_run)
         if args.command == "report":
             return cmd_report(args.run_dir, args.out)
         if args.command == "make-tiny-model":
