@@ -18,6 +18,7 @@ from rlhf_ray.pipeline.refs import Ref, RefError, check_order, find_refs, substi
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
+DEMO = REPO / "rlhf_ray" / "configs" / "demo_pipeline.yaml"
 
 
 # ---- references -----------------------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def test_a_missing_pipeline_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"config error: pipeline file not found: {tmp_path / 'nope.yaml'}"
 
 
-@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("pipeline_*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("pipeline_*.yaml")) + [DEMO], ids=lambda p: p.name)
 def test_shipped_pipelines_load(path, capsys):
     """Every stage's config builds (as `rlhf-ray validate` builds one), references resolve to earlier stages'
     outputs, gates and baselines check out; --dry-run prints each stage."""
