@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
@@ -122,3 +123,48 @@ def _tab20(i: int):
     from matplotlib import colormaps
 
     return colormaps["tab20"](i % 20)
+
+
+@dataclass(frozen=True)
+class StagePanel:
+    """What one pipeline stage's panel shows: lines over steps, or bars of one evaluation, and its gates."""
+
+    title: str
+    lines: tuple[tuple[str, tuple[int, ...], tuple[float, ...]], ...] = ()
+    """(key, steps, values) each."""
+    bars: tuple[tuple[str, float], ...] = ()
+    """(metric, value) each: an evaluation's numbers (eval.json)."""
+    gates: tuple[tuple[str, float, bool], ...] = ()
+    """(label, threshold, passed) each: drawn as a horizontal line, green when the gate passed, red when not."""
+
+
+def stage_panels(panels: Sequence[StagePanel]) -> bytes:
+    """One panel per pipeline stage, in order: its headline curves over steps (or an evaluation's bars) with its
+    gates' thresholds across them."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(3.4 * len(panels), PANEL_H + 0.3))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, panel in zip(axes, panels):
+        for key, steps, values in panel.lines:
+            ax.plot(steps, values, marker="o" if len(steps) <= 20 else None, markersize=3, linewidth=1.4, label=key)
+        if panel.lines:
+            ax.set_xlabel("step", fontsize=8)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if panel.bars:
+            names = [n for n, _ in panel.bars]
+            ax.bar(range(len(names)), [v for _, v in panel.bars], color="#4c72b0")
+            ax.set_xticks(range(len(names)), names, fontsize=7, rotation=30)
+        for label, y, passed in panel.gates:
+            ax.axhline(y, color="#17702b" if passed else "#b3261e", linestyle="--", linewidth=1.2,
+                       label=f"gate: {label} ({'passed' if passed else 'FAILED'})")
+        ax.set_title(panel.title, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        if panel.bars and panel.gates:  # below the bars, which fill the axes
+            ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.3))
+        elif panel.lines:
+            ax.legend(fontsize=6.5, loc="best")
+    fig.tight_layout()
+    return _png(fig)

@@ -69,6 +69,21 @@ def phases_of(run: RunData) -> list[str]:
 
 def render_report(run: RunData) -> str:
     """The HTML page of ``run``."""
+    return PAGE_TEMPLATE.format(title=html.escape(f"rlhf_ray report: {run.run_dir.name}"),
+                                run_dir=html.escape(str(run.run_dir)), head=run_head(run),
+                                body="\n".join(render_sections(run)))
+
+
+def run_head(run: RunData) -> str:
+    """The line under a run's title: logged steps, job, model, data."""
+    about = run.describe()
+    head = " &middot; ".join(f"{html.escape(k)}: <code>{html.escape(v)}</code>" for k, v in about.items())
+    steps = f"{len(run.rows)} logged step{'s' if len(run.rows) != 1 else ''}" if run.rows else "no metrics.jsonl"
+    return f"{steps} &middot; {head}" if head else steps
+
+
+def render_sections(run: RunData) -> list[str]:
+    """The report's sections of ``run`` (HTML), each present when the run logged something for it."""
     from rlhf_ray.report import figures
 
     parts: list[str] = []
@@ -82,7 +97,7 @@ def render_report(run: RunData) -> str:
         if mine:
             shown = mine[:MAX_PANELS]
             more = f" ({len(mine) - len(shown)} more in the table at the end)" if len(mine) > len(shown) else ""
-            parts.append(_figure(section.title, figures.line_panels(run, shown), shown, section.note + more))
+            parts.append(figure_html(section.title, figures.line_panels(run, shown), shown, section.note + more))
     phases = phases_of(run)
     if phases:
         used = [f"timing/{p}_s" for p in phases] + [k for k in keys if k.startswith("efficiency/") and k.endswith(
@@ -92,26 +107,29 @@ def render_report(run: RunData) -> str:
             ", beside the least time the device could take for the same work (efficiency/*_floor_s)" if floors else
             " (this run logged no floors)") + "; the black tick is the step's wall time (timing/step_s); overlapping "
             "phases stack as if serial")
-        parts.append(_figure("Phase seconds and floors", figures.phase_bars(run, phases), used, note))
+        parts.append(figure_html("Phase seconds and floors", figures.phase_bars(run, phases), used, note))
     if run.placement:
         parts.append(_placement(run.placement))
     if run.eval_doc:
         parts.append(_eval_table(run.eval_doc))
     if run.rows:
         parts.append(_last_values(run))
-    about = run.describe()
-    head = " &middot; ".join(f"{html.escape(k)}: <code>{html.escape(v)}</code>" for k, v in about.items())
-    steps = f"{len(run.rows)} logged step{'s' if len(run.rows) != 1 else ''}" if run.rows else "no metrics.jsonl"
-    return _PAGE.format(title=html.escape(f"rlhf_ray report: {run.run_dir.name}"),
-                        run_dir=html.escape(str(run.run_dir)), head=head, steps=steps, body="\n".join(parts))
+    return parts
 
 
 def write_report(run_dir: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
     """Write the report of ``run_dir`` to ``out`` (default ``<run_dir>/report.html``, written aside and renamed);
-    returns its path. ``ReportError`` names the directory or file it cannot read."""
-    run = load_run(run_dir)
-    path = Path(out) if out is not None else run.run_dir / REPORT_FILE
-    page = render_report(run)
+    returns its path. A pipeline's directory (``pipeline_state.json``) gets the pipeline's page
+    (``pipeline_page``). ``ReportError`` names the directory or file it cannot read."""
+    from rlhf_ray.report.pipeline_page import is_pipeline_dir, render_pipeline
+
+    if is_pipeline_dir(run_dir):
+        path = Path(out) if out is not None else Path(run_dir) / REPORT_FILE
+        page = render_pipeline(run_dir)
+    else:
+        run = load_run(run_dir)
+        path = Path(out) if out is not None else run.run_dir / REPORT_FILE
+        page = render_report(run)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(page)
     os.replace(tmp, path)
@@ -131,7 +149,7 @@ def write_report_or_warn(run_dir: str | os.PathLike) -> Optional[Path]:
     return path
 
 
-def _figure(title: str, png: bytes, keys: list[str], note: str = "") -> str:
+def figure_html(title: str, png: bytes, keys: list[str], note: str = "") -> str:
     data = base64.b64encode(png).decode("ascii")
     names = ", ".join(f"<code>{html.escape(k)}</code>" for k in keys)
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
@@ -188,7 +206,9 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-_PAGE = """<!DOCTYPE html>
+SECTIONS_START, SECTIONS_END = "<!-- sections -->", "<!-- /sections -->"
+"""Around a page's sections: a pipeline's page embeds a stage's written report by what lies between them."""
+PAGE_TEMPLATE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; padding: 0 1em; color: #222; }}
@@ -196,8 +216,12 @@ h1 {{ font-size: 1.4em; }} h2 {{ font-size: 1.15em; border-bottom: 1px solid #dd
 img {{ max-width: 100%; }} figcaption, .note {{ color: #555; font-size: .85em; }}
 table {{ border-collapse: collapse; font-size: .85em; }} td, th {{ border: 1px solid #ddd; padding: .2em .6em; }}
 th {{ background: #f4f4f4; text-align: left; }} pre {{ background: #f8f8f8; padding: .6em; font-size: .8em; }}
+.passed {{ color: #17702b; font-weight: 600; }} .failed {{ color: #b3261e; font-weight: 600; }}
+details {{ margin: .8em 0; border-left: 3px solid #ddd; padding-left: .8em; }} summary {{ cursor: pointer; }}
 </style></head>
-<body><h1>{title}</h1><p class="note"><code>{run_dir}</code> &middot; {steps}</p><p>{head}</p>
+<body><h1>{title}</h1><p class="note"><code>{run_dir}</code></p><p>{head}</p>
+<!-- sections -->
 {body}
+<!-- /sections -->
 </body></html>
 """

@@ -1,12 +1,15 @@
 """End-to-end fixtures shared across files: a reward model trained once by the real ``rm`` job, and runs made by
-README commands in a directory laid out like a clone (a short GRPO run, evaluations)."""
+README commands in a directory laid out like a clone (a short GRPO run, evaluations, the Quickstart's demo)."""
 
 from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import shlex
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,7 +74,7 @@ def clone(tiny_model_dir, tmp_path_factory):
     """A directory laid out like a clone of the repo: examples/ and launch/ seen through links, runs/tiny-model the
     session's tiny model (what `rlhf-ray make-tiny-model runs/tiny-model` writes)."""
     d = tmp_path_factory.mktemp("clone")
-    for name in ("examples", "launch", "rlhf_ray"):
+    for name in ("examples", "launch", "rlhf_ray", "setup.py", "README.md"):  # what `pip install -e .` reads too
         (d / name).symlink_to(REPO / name)
     (d / "runs").mkdir()
     (d / "runs" / "tiny-model").symlink_to(tiny_model_dir)
@@ -102,3 +105,35 @@ def grpo_final_eval(grpo_tiny_run, clone) -> CliRun:
     run = rlhf_ray_in(clone, shlex.split(EVAL_FINAL_COMMAND)[1:], "runs/grpo-tiny-eval")
     assert run.code == 0, run.err[-3000:]
     return run
+
+
+DEMO_COMMAND = "bash launch/demo.sh"
+"""The Quickstart's first command, run as written by ``demo_run`` (with an output directory of the test's)."""
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """The Quickstart's demo, run once: what it printed, where it wrote, and the pipeline's state and report page as
+    they were when it ended (later tests rerun the pipeline in the same directory)."""
+
+    proc: subprocess.CompletedProcess
+    out: Path
+    state: dict
+    report: str
+    seconds: float
+
+
+@pytest.fixture(scope="session")
+def demo_run(clone) -> DemoRun:
+    """``DEMO_COMMAND`` in the clone, as its own process (its own Ray instance, as on a fresh machine): install
+    (already installed here: a check only), then the embedded pipeline SFT -> GRPO -> eval at its full length.
+    test_readme checks what it prints; test_pipeline what the pipeline did."""
+    out = clone / "runs" / "demo-quickstart"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    t0 = time.monotonic()
+    proc = subprocess.run([*shlex.split(DEMO_COMMAND), "--output-dir", str(out)], cwd=clone, capture_output=True,
+                          text=True, timeout=1500, env=env)
+    seconds = time.monotonic() - t0
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-4000:]}"
+    return DemoRun(proc, out, json.loads((out / "pipeline_state.json").read_text()),
+                   (out / "report.html").read_text(), seconds)
