@@ -231,7 +231,8 @@ class TrainLoop:
                 # After the last step too, once: the final model's numbers are in the last logged row.
                 if self.eval_due(step) or (step + 1 == total and self.final_eval_due()):
                     metrics.update(self.evaluated(step + 1))
-                metrics.update(self.recoveries.metrics())
+                if self.recoveries.max_restarts:  # a run that recovers by itself counts it every step
+                    metrics.update(self.recoveries.metrics())
                 logger.log(step + 1, metrics)
                 last = metrics
                 if tc.save_every and (step + 1) % tc.save_every == 0 and step + 1 < total:
