@@ -209,10 +209,12 @@ def test_a_missing_pipeline_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES.glob("pipeline_*.yaml")) + [DEMO], ids=lambda p: p.name)
-def test_shipped_pipelines_load(path, capsys):
+def test_shipped_pipelines_load(path, capsys, tmp_path):
     """Every stage's config builds (as `rlhf-ray validate` builds one), references resolve to earlier stages'
-    outputs, gates and baselines check out; --dry-run prints each stage."""
-    spec = load_pipeline(path)
+    outputs, gates and baselines check out; --dry-run prints each stage. Into a fresh output_dir: the file's own
+    (runs/...) may hold a user's run already (the Quickstart runs the demo before the tests)."""
+    out = f"output_dir={tmp_path / 'out'}"
+    spec = load_pipeline(path, [out])
     names = [s.name for s in spec.stages]
     assert len(names) >= 3
     for i, stage in enumerate(spec.stages):  # a reference became an earlier stage's output path
@@ -220,7 +222,7 @@ def test_shipped_pipelines_load(path, capsys):
             if model and spec.output_dir in Path(model).parents:
                 assert Path(model).parent.name in names[:i], (stage.name, model)
     assert spec.output_dir in Path(spec.stages[-1].config.model.path).parents  # it evaluates what the pipeline made
-    assert main(["pipeline", str(path), "--dry-run"]) == 0
+    assert main(["pipeline", str(path), out, "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert all(f"  {s.name}: job {s.job}, run;" in printed for s in spec.stages), printed
 
