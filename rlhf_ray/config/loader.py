@@ -162,6 +162,20 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def read_yaml_mapping(path: Path, error: type[Exception], not_found: str, shape: str, prefix: str = "") -> dict:
+    """The YAML mapping in ``path``; ``error(not_found)`` when the file is missing, ``error(f"{prefix}{path}: ...")``
+    when it is not YAML or its top level is not a mapping (``shape`` says what it should be)."""
+    if not path.is_file():
+        raise error(not_found)
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise error(f"{prefix}{path}: not valid YAML: {exc}") from None
+    if not isinstance(loaded, dict):
+        raise error(f"{prefix}{path}: top level must be {shape}")
+    return loaded
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
                 values: dict[str, Any] | None = None) -> Any:
     """Load ``path`` (YAML) and/or ``values``, apply dotted overrides, return a validated ``Config``.
@@ -174,15 +188,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
-        tree = loaded
+        tree = read_yaml_mapping(p, ConfigError, f"config file not found: {p}", "a mapping of sections")
         tree.pop(RESOLVED_KEY, None)  # a run's config.yaml: what it derived, derived again from the rest
     if values:
         for key, value in values.items():

@@ -37,10 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
 from rlhf_ray.config import Config, ConfigError, to_dict
-from rlhf_ray.config.loader import RESOLVED_KEY, build, merge_override, parse_override
+from rlhf_ray.config.loader import RESOLVED_KEY, build, merge_override, parse_override, read_yaml_mapping
 from rlhf_ray.config.schema import RL_JOBS, RayConfig
 from rlhf_ray.pipeline.gates import GateSpec
 from rlhf_ray.pipeline.refs import NAME, Ref, RefError, check_order, find_refs, substitute
@@ -102,14 +100,8 @@ def load_pipeline(path: str | os.PathLike, overrides: Optional[list[str]] = None
     (e.g. ``output_dir=runs/p2``, ``stages.sft.overrides.train.max_steps=10``). ``PipelineError`` names what is
     wrong."""
     p = Path(path)
-    if not p.is_file():
-        raise PipelineError(f"pipeline file not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{p}: not valid YAML: {exc}") from None
-    if not isinstance(tree, dict):
-        raise PipelineError(f"{p}: top level must be a mapping with {', '.join(PIPELINE_KEYS)}")
+    tree = read_yaml_mapping(p, PipelineError, f"pipeline file not found: {p}",
+                             f"a mapping with {', '.join(PIPELINE_KEYS)}")
     for text in overrides or []:
         merge_override(tree, *parse_override(text))
     return build_pipeline(tree, p)
@@ -209,15 +201,8 @@ def _stage_config(name: str, value: Any, base: Path) -> tuple[dict[str, Any], st
                             f"mapping of the config, got {value!r}")
     p = Path(value).expanduser()
     p = p if p.is_absolute() else base / p
-    if not p.is_file():
-        raise PipelineError(f"stage '{name}': config: file not found: {p} (relative paths are read beside the "
-                            "pipeline file)")
-    try:
-        loaded = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"stage '{name}': config: {p}: not valid YAML: {exc}") from None
-    if not isinstance(loaded, dict):
-        raise PipelineError(f"stage '{name}': config: {p}: top level must be a mapping of sections")
+    loaded = read_yaml_mapping(p, PipelineError, f"stage '{name}': config: file not found: {p} (relative paths are "
+                               "read beside the pipeline file)", "a mapping of sections", f"stage '{name}': config: ")
     return loaded, str(p.resolve())
 
 
