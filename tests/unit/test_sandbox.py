@@ -1,4 +1,4 @@
-"""The Python sandbox, driven with real subprocesses: limits, isolation, clean-up and the tool.
+"""The Python sandbox, driven with real subprocesses: limits, isolation, clean-up, the tool and the reward.
 
 Every program here runs in a real sandbox (no mocks); limits are small so the file takes seconds. Where a
 test shows that something is blocked inside, it also shows the same thing works outside, so the test fails
@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from rlhf_ray.agentic.sandbox import TOOL_LIMITS, SandboxLimits, SandboxUnavailable, python_sandbox, run_python
+from rlhf_ray.rewards import FunctionReward, RewardError, build_reward_source, checked_scores
+from rlhf_ray.rewards.code_exec import PythonSandboxReward, extract_code, python_sandbox_reward
 
 FAST = SandboxLimits(cpu_seconds=1, wall_seconds=5.0, memory_mb=128, max_processes=8, output_bytes=4096)
 
@@ -252,3 +254,39 @@ def test_tool_schema_for_a_chat_template():
     for phrase in (f"{TOOL_LIMITS.cpu_seconds} seconds of CPU time", f"{TOOL_LIMITS.wall_seconds:g} seconds in all",
                    f"{TOOL_LIMITS.memory_mb} MB of memory", f"{TOOL_LIMITS.output_bytes} bytes of output"):
         assert phrase in doc
+
+
+# ---------------------------------------------------------------- the reward
+
+def test_extract_code_takes_the_last_python_block():
+    assert extract_code("a\n```python\nx = 1\n```\nthen\n```py\nx = 2\n```\n") == "x = 2\n"
+    assert extract_code("def f():\n    return 1\n") == "def f():\n    return 1\n"  # no block: all of it
+    # A block the token limit cut off is not a block; the earlier closed one is taken.
+    assert extract_code("```python\nx = 1\n```\n```python\nx = 2") == "x = 1\n"
+
+
+def test_reward_scores_passing_failing_looping_and_early_exit():
+    reward = PythonSandboxReward(SandboxLimits(cpu_seconds=1, wall_seconds=4.0), max_workers=5)
+    responses = [
+        "Here:\n```python\ndef add(a, b):\n    return a + b\n```",             # passes
+        "```python\ndef add(a, b):\n    return a - b\n```",                     # an assert fails
+        "```python\nimport sys\nsys.exit(0)\ndef add(a, b):\n    return 0\n```",  # exits 0 before the tests
+        "```python\ndef add(a, b):\n    while True:\n        pass\n```",        # loops: CPU limit
+        "def add(a, b):\n    return b + a\n",                                   # no block: the whole response
+    ]
+    tests = ["assert add(2, 3) == 5", ["assert add(2, 3) == 5", "assert add(-1, 1) == 0"],
+             "assert add(2, 3) == 5", "assert add(1, 1) == 2", ["assert add(0, 0) == 0"]]
+    scores = checked_scores(FunctionReward(reward, name="sandbox"), ["p"] * 5, responses,
+                            {"tests": tests, "answer": [None] * 5}, timeout_s=60)
+    assert scores == [1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+def test_builtin_reward_without_tests_names_the_field_and_the_sample():
+    source = build_reward_source("builtin:python_sandbox", timeout_s=60)
+    assert source.fn is python_sandbox_reward
+    with pytest.raises(RewardError, match=r"rows have no 'tests' field .* on sample 0"):
+        checked_scores(source, ["p", "p"], ["x = 1", "x = 2"], {"answer": ["1", "2"]}, timeout_s=60)
+    with pytest.raises(RewardError, match=r"sample 1 has no 'tests' \(None\).* on sample 1"):
+        checked_scores(source, ["p", "p"], ["x = 1", "x = 2"], {"tests": ["assert x == 1", None]}, timeout_s=60)
+    with pytest.raises(RewardError, match=r"sample 0 has 'tests' of type int"):
+        checked_scores(source, ["p"], ["x = 1"], {"tests": [3]}, timeout_s=60)
