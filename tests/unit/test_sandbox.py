@@ -82,6 +82,47 @@ def test_missing_interpreter_fails_closed():
     assert e.value.stage == "exec"
 
 
+# A machine with user namespaces closed, made for one process: a child in its own user namespace (uids mapped
+# 1:1 by this root process) sets user.max_user_namespaces = 0 there, then calls run_python.
+_CLOSED_USERNS = """
+import ctypes, os, sys
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    assert ctypes.CDLL(None).unshare(0x10000000) == 0  # CLONE_NEWUSER
+    os.read(r, 1)
+    open("/proc/sys/user/max_user_namespaces", "w").write("0")
+    os.execv(sys.executable, [sys.executable, "-c", sys.argv[1]])
+for name in ("uid_map", "gid_map"):
+    for _ in range(100):
+        try:
+            open(f"/proc/{pid}/{name}", "w").write("0 0 65536")
+            break
+        except PermissionError:  # the child has not unshared yet
+            import time; time.sleep(0.01)
+os.write(w, b"x")
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+_CALL = """
+from rlhf_ray.agentic.sandbox import run_python, SandboxUnavailable
+try:
+    print("RAN UNSANDBOXED", run_python("print(1)"))
+except SandboxUnavailable as e:
+    print(e.stage, e)
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="making the closed machine needs root (it writes another uid_map)")
+def test_without_user_namespaces_it_fails_closed():
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _CLOSED_USERNS, _CALL], capture_output=True, text=True,
+                         timeout=30, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("unshare python sandbox: setup step 'unshare' failed: unshare(CLONE_NEWUSER")
+    assert "user.max_user_namespaces" in out.stdout  # says which setting to check
+    assert "RAN" not in out.stdout
+
+
 # ---------------------------------------------------------------- the five attacks
 
 def test_infinite_loop_is_stopped_by_the_cpu_limit():
