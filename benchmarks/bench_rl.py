@@ -14,8 +14,8 @@ and prompts, through TRL, against the same calibration -> table on stdout, JSON 
     python benchmarks/bench_trl.py --from runs/bench/grpo-gpu    # TRL on the same inputs, put beside ours
     python benchmarks/bench_rl.py --job grpo --gpu --long-tail   # lengths with a long tail instead of ignore_eos
     python benchmarks/bench_rl.py --job grpo --gpu rollout.max_num_seqs=512 learner.micro_batch_size=16  # tuning
-    python benchmarks/bench_rl.py --job grpo --tiny --mode sync,one_step_off --reward-delay-s 1
-                                                                 # rollout modes side by side: what overlap hides
+    python benchmarks/bench_rl.py --job grpo --tiny --mode sync,one_step_off,async --reward-delay-s 1 --long-tail \
+        rollout.max_staleness=1 rollout.partial=true             # rollout modes side by side: what overlap hides
 
 Trailing ``key=value`` arguments are config overrides (as for ``rlhf-ray train``), for tuning runs.
 """
@@ -41,7 +41,7 @@ from benchmarks.common import (GPU_ENGINE, REPO, REWARD_SPEC, WORKLOADS, MemoryS
                                setup_logging, summarize, write_jsonl, write_result)
 from benchmarks.reward import DELAY_ENV
 
-MODES = ("sync", "one_step_off")
+MODES = ("sync", "one_step_off", "async")
 SLOW_REWARD_SPEC = REWARD_SPEC.replace(":digit_fraction", ":slow_digit_fraction")
 
 log = logging.getLogger("benchmarks.bench_rl")
@@ -91,10 +91,10 @@ def bench_loop_class(sink: list, policy, critic, reward_model):
     from rlhf_ray.efficiency import rl_step_counts
 
     class BenchLoop(RLLoop):
-        def generate(self, timer, step, *args, **kwargs):
-            batch, gens, rows = super().generate(timer, step, *args, **kwargs)
-            self.bench_batch = batch
-            return batch, gens, rows
+        def rollout_batch(self, step, timer):
+            out = super().rollout_batch(step, timer)
+            self.bench_batch = out[0]
+            return out
 
         def step(self, step: int) -> dict[str, float]:
             metrics = super().step(step)
@@ -168,7 +168,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help=f"rollout modes to run side by side, comma-separated ({', '.join(MODES)}); the first is the "
                         "main result")
     p.add_argument("--reward-delay-s", type=float, default=0.0,
-                   help="a reward that waits this long per batch (a remote verifier): what overlap can hide on CPU")
+                   help="a reward that waits this long per step's batch (a remote verifier; spread over its samples, "
+                        "so scoring group by group costs the same): what overlap can hide on CPU")
     p.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. rollout.max_num_seqs=512")
     args = p.parse_args(argv)
     setup_logging()
@@ -181,11 +182,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         p.error("--mode: the GPU workload runs on one GPU in hybrid placement, where generation and training "
                 "time-share it; overlapping modes need the engines on their own GPUs")
     overrides = list(args.overrides)
-    if args.reward_delay_s > 0:
-        os.environ[DELAY_ENV] = str(args.reward_delay_s)
-        overrides.append(f"reward.functions=[{SLOW_REWARD_SPEC}]")
-
     w = pick_workload(WORKLOADS, "gpu" if args.gpu else "tiny", args.shape, args.long_tail, args.steps)
+    if args.reward_delay_s > 0:
+        os.environ[DELAY_ENV] = str(args.reward_delay_s / w.sequences)
+        overrides.append(f"reward.functions=[{SLOW_REWARD_SPEC}]")
     work = (args.work_dir or Path("runs") / "bench" / f"{args.job}-{w.label}").absolute()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

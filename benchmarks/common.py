@@ -316,6 +316,11 @@ def _mean(rows: list[dict], key: str) -> Optional[float]:
     return statistics.fmean(vals) if vals else None
 
 
+def _max(rows: list[dict], key: str) -> Optional[float]:
+    vals = [float(r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+    return max(vals) if vals else None
+
+
 def summarize(rows: list[dict], warmup: int) -> dict[str, Any]:
     """Average the measured steps (after ``warmup``) of metrics rows that carry ``timing/`` and ``efficiency/``
     keys: each phase's seconds, floor and seconds / floor (a ratio of the means), and the throughput."""
@@ -395,35 +400,47 @@ def _fmt(v: Optional[float], digits: int = 4) -> str:
 
 
 def overlap_summary(rows: list[dict], warmup: int) -> dict[str, Optional[float]]:
-    """How much of generation a rollout mode hid behind the rest of the step, from the measured steps' means.
+    """How much of generation (and, async, of scoring) a rollout mode hid behind the rest of the step, from the
+    measured steps' means.
 
-    gen = the engines' own seconds (``rollout/generate_engine_s``); rest = step - waiting for samples - weight
-    sync (reward, forwards, update: what one step off overlaps generation with); serial = gen + rest + sync (no
-    overlap); ideal = max(gen, rest) + sync (all of it); overlap = (serial - step) / (serial - ideal), 1 = ideal.
+    gen = the engines' own seconds (``rollout/generate_engine_s``); score = the seconds async spent scoring the
+    step's groups off the step's path (``rollout/score_s``; 0 in the other modes, whose scoring is in rest); rest =
+    step - waiting for samples - weight sync (reward, forwards, update: what the overlapping modes hide generation
+    behind); serial = gen + score + rest + sync (no overlap); ideal = max(gen, score, rest) + sync (all of it);
+    overlap = (serial - step) / (serial - ideal), 1 = ideal.
     """
     measured = [r for r in rows if r.get("step", 0) > warmup] or rows
     step, gen = _mean(measured, "timing/step_s"), _mean(measured, "rollout/generate_engine_s")
     wait, sync = _mean(measured, "timing/generate_s"), _mean(measured, "timing/weight_sync_s") or 0.0
+    score = _mean(measured, "rollout/score_s") or 0.0
     if step is None or gen is None or wait is None:
         return {}
     rest = step - wait - sync
-    serial, ideal = gen + rest + sync, max(gen, rest) + sync
-    return {"step_s": step, "generate_s": gen, "rest_s": rest, "weight_sync_s": sync, "serial_s": serial,
-            "ideal_s": ideal, "overlap": (serial - step) / (serial - ideal) if serial - ideal > 1e-9 else None,
-            "staleness_mean": _mean(measured, "rollout/staleness")}
+    serial, ideal = gen + score + rest + sync, max(gen, score, rest) + sync
+    return {"step_s": step, "generate_s": gen, "score_s": score, "rest_s": rest, "weight_sync_s": sync,
+            "serial_s": serial, "ideal_s": ideal,
+            "overlap": (serial - step) / (serial - ideal) if serial - ideal > 1e-9 else None,
+            "staleness_mean": _mean(measured, "rollout/staleness_mean"), "staleness_max": _max(measured, "rollout/staleness"),
+            "dropped_stale": sum(r.get("rollout/dropped_stale", 0.0) for r in measured),
+            "partial_samples": sum(r.get("rollout/partial_samples", 0.0) for r in measured)}
 
 
 def render_modes(modes: dict[str, dict]) -> str:
     """One line per rollout mode: its step time beside generate + rest (serial) and max(generate, rest) (ideal)."""
-    head = (f"{'mode':<14}{'step s':>9}{'generate s':>12}{'rest s':>9}{'sync s':>9}{'serial s':>10}{'ideal s':>9}"
-            f"{'overlap':>9}{'stale':>7}")
-    lines = ["== rollout modes (generate = the engines' own seconds; rest = reward + forwards + update) ==",
+    head = (f"{'mode':<14}{'step s':>9}{'generate s':>12}{'score s':>9}{'rest s':>9}{'sync s':>9}{'serial s':>10}"
+            f"{'ideal s':>9}"
+            f"{'overlap':>9}{'stale':>7}{'max':>5}{'dropped':>9}{'partial':>9}")
+    lines = ["== rollout modes (generate = the engines' own seconds; score = async's scoring, off the step's path; "
+             "rest = reward + forwards + update) ==",
              head, "-" * len(head)]
     for name, o in modes.items():
         ov = o.get("overlap")
-        lines.append(f"{name:<14}{_fmt(o.get('step_s')):>9}{_fmt(o.get('generate_s')):>12}{_fmt(o.get('rest_s')):>9}"
+        lines.append(f"{name:<14}{_fmt(o.get('step_s')):>9}{_fmt(o.get('generate_s')):>12}{_fmt(o.get('score_s')):>9}"
+                     f"{_fmt(o.get('rest_s')):>9}"
                      f"{_fmt(o.get('weight_sync_s')):>9}{_fmt(o.get('serial_s')):>10}{_fmt(o.get('ideal_s')):>9}"
-                     f"{(f'{100 * ov:.0f}%' if ov is not None else '-'):>9}{_fmt(o.get('staleness_mean')):>7}")
+                     f"{(f'{100 * ov:.0f}%' if ov is not None else '-'):>9}{_fmt(o.get('staleness_mean')):>7}"
+                     f"{_fmt(o.get('staleness_max')):>5}{_fmt(o.get('dropped_stale')):>9}"
+                     f"{_fmt(o.get('partial_samples')):>9}")
     return "\n".join(lines)
 
 

@@ -10,16 +10,17 @@ def digit_fraction(prompts, responses, **_):
 
 
 DELAY_ENV = "RLHF_RAY_BENCH_REWARD_DELAY_S"
-"""Seconds ``slow_digit_fraction`` spends per batch (``bench_rl.py --reward-delay-s``)."""
+"""Seconds ``slow_digit_fraction`` spends per sample (``bench_rl.py --reward-delay-s`` over a step's samples): a
+step's batch costs the same whether it is scored at once (sync) or group by group as it finishes (async)."""
 
 
 def slow_digit_fraction(prompts, responses, **_):
-    """``digit_fraction`` after ``$RLHF_RAY_BENCH_REWARD_DELAY_S`` seconds of waiting: a reward that spends wall
-    time without compute (a remote verifier, a judge behind an API), to show what overlapping hides."""
+    """``digit_fraction`` after ``$RLHF_RAY_BENCH_REWARD_DELAY_S`` seconds of waiting per response: a reward that
+    spends wall time without compute (a remote verifier, a judge behind an API), to show what overlapping hides."""
     import os
     import time
 
-    time.sleep(float(os.environ.get(DELAY_ENV, "0")))
+    time.sleep(float(os.environ.get(DELAY_ENV, "0")) * len(responses))
     return digit_fraction(prompts, responses)
 
 

@@ -20,6 +20,15 @@ from rlhf_ray.config.schema import LoggingConfig
 log = logging.getLogger(__name__)
 
 
+def accumulate(sums: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """Fold one micro-batch's (or one rank's) metric values into ``sums``: added, except keys ending in ``_max``,
+    which keep the largest (a maximum over micro-batches and ranks, where a sum would mean nothing)."""
+    for k, v in metrics.items():
+        v = float(v)
+        sums[k] = (max(sums[k], v) if k in sums else v) if k.endswith("_max") else sums.get(k, 0.0) + v
+    return sums
+
+
 class PhaseTimer:
     """One wall-clock timer per phase; ``with timer("generate"): ...`` adds to ``timing/generate_s``."""
 

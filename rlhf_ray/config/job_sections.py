@@ -45,12 +45,21 @@ class RolloutConfig:
     weight_sync_bucket_mb: int = 256
     seed: Optional[int] = None
     """Base seed of the engines' sampling (engine i: seed + i); default ``train.seed``."""
-    mode: Literal["sync", "one_step_off"] = "sync"
+    mode: Literal["sync", "one_step_off", "async"] = "sync"
     """sync: each step samples with the current policy, then trains. one_step_off: the engines sample the next
     step's batch while the learners train on this one (generation overlaps training; every sample is one policy
-    version old, corrected by ``algo.off_policy_correction``). Needs the engines on their own devices (not
-    ``placement.mode: hybrid``)."""
-
+    version old, corrected by ``algo.off_policy_correction``). async: the engines fill a queue of finished,
+    scored groups without waiting for the steps; a step trains on the first ``prompts_per_step`` groups ready,
+    each at most ``max_staleness`` policy versions old. one_step_off and async need the engines on their own
+    devices (not ``placement.mode: hybrid``)."""
+    max_staleness: int = 1
+    """async: how many policy versions a sample may lag the policy that trains on it (0: every sample comes from
+    the current weights, exactly as sync). The engines start a group only while it can be trained in time; one
+    that is older when its step takes it (a long response) is dropped, counted, and its prompt sampled again."""
+    partial: bool = False
+    """async: at a weight sync, interrupt the samples in flight and continue them under the new weights (each
+    token keeps the version that sampled it; a sample's age is its oldest token's). Off: the engines finish the
+    samples they have before taking the new weights, and start no new ones meanwhile."""
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
@@ -60,6 +69,7 @@ class RolloutConfig:
         _check(self.max_new_tokens >= 1, "max_new_tokens", "must be >= 1")
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _check(self.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
+        _check(self.max_staleness >= 0, "max_staleness", "must be >= 0")
 
 
 @dataclass

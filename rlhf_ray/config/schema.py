@@ -306,6 +306,9 @@ class LoggingConfig:
     run_name: Optional[str] = None
     tensorboard: bool = True
     progress_bar: bool = True
+    rollouts: bool = False
+    """Rollout jobs: write every sample a step trained on to ``<output_dir>/rollouts.jsonl`` (step, the prompt's
+    row, response, reward, staleness), to read what the policy did and to check which prompts each step took."""
 
 
 @dataclass

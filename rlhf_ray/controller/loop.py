@@ -88,16 +88,23 @@ class PromptCursor:
 
     def __init__(self, order: EpochOrder):
         self.order, self.taken = order, 0
+        self.returned: list[int] = []
+        """Items handed back unused (a streaming rollout's stale groups), taken again before the order goes on."""
 
     def take(self, n: int) -> list[int]:
-        """The next ``n`` items."""
-        per_step, out = self.order.schedule.items_per_step, []
+        """The next ``n`` items: those handed back first, then the order's."""
+        per_step = self.order.schedule.items_per_step
+        out, self.returned = self.returned[:n], self.returned[n:]
         while len(out) < n:
             step, offset = divmod(self.taken, per_step)
             k = min(n - len(out), per_step - offset)
             out += self.order.batch(step)[offset:offset + k]
             self.taken += k
         return out
+
+    def give_back(self, items: list[int]) -> None:
+        """Items taken but not trained on: the next ``take`` returns them first."""
+        self.returned += items
 
 
 class TrainLoop:
@@ -159,6 +166,9 @@ class TrainLoop:
     def before_run(self, start: int) -> dict[str, float]:
         """Anything to do (and log at ``start``) before the first step; returns metrics to log, or {}."""
         return {}
+
+    def close(self) -> None:
+        """Stop what the loop runs beside the steps (a rollout stream's thread); called when ``run`` ends."""
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         """The groups whose training state a checkpoint holds, by sub-directory ("" = the step directory)."""
@@ -240,6 +250,7 @@ class TrainLoop:
             latest = self.ckpt.latest()
             final_ckpt = self.save(total) if total > start or latest is None else latest
         finally:
+            self.close()
             logger.close()
         final = publish_final(final_ckpt / "model", self.output_dir)
         result = {"output_dir": str(self.output_dir), "final_model": str(final), "steps": total, "metrics": last}

@@ -68,8 +68,9 @@ class OnlineDPOLoop(RolloutLoop):
         t_step = time.perf_counter()
 
         # 1-2. generate and score
-        batch, gens, rows = self.generate(timer, step)
-        metrics = self.score(batch, rows, timer)
+        batch, gens, rows, metrics = self.rollout_batch(step, timer)
+        if batch.rewards is None:
+            metrics.update(self.score(batch, rows, timer))
 
         # 3. pairs
         pairs, ties = best_worst_pairs(batch.rewards, batch.group_index)

@@ -116,17 +116,25 @@ class RewardScorer:
     def finish(self, batch: RolloutBatch, pending, prompt_texts: list[str],
                row_fields: dict[str, list]) -> tuple[torch.Tensor, dict[str, float]]:
         """(rewards (B,), metrics): the functions' weighted sum plus the reward model's score (plus the overlong
-        penalty where it is on)."""
+        penalty where it is on); each source's mean over the batch in ``reward/<source>_mean``."""
+        total, parts, timings = self.finish_samples(batch, pending, prompt_texts, row_fields)
+        return total, {**reward_means(parts), **timings}
+
+    def finish_samples(self, batch: RolloutBatch, pending, prompt_texts: list[str], row_fields: dict[str, list]
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        """``finish`` per sample: (rewards (B,), each source's values (B,) by metric key, seconds). Streaming
+        rollouts (``rollout.mode: async``) score groups as they finish and take the means over the step's batch."""
         B = batch.size
         total = torch.zeros(B, dtype=torch.float32)
-        metrics: dict[str, float] = {}
+        parts: dict[str, torch.Tensor] = {}
+        timings: dict[str, float] = {}
         if self.functions is not None:
             components = [checked_scores(s, prompt_texts, batch.responses, row_fields, self.cfg.timeout_s)
                           for s in self.functions.sources]
             for w, source, comp in zip(self.functions.weights, self.functions.sources, components):
                 values = torch.tensor(comp, dtype=torch.float32)
                 total += w * values
-                metrics[f"reward/{metric_name(source.name)}_mean"] = float(values.mean())
+                parts[f"reward/{metric_name(source.name)}_mean"] = values
         if pending is not None:
             scores, seconds = pending.result()
             if not torch.isfinite(scores).all():
@@ -134,14 +142,14 @@ class RewardScorer:
                 raise RewardError(f"reward model {self.cfg.model} returned {float(scores[bad])} for sample {bad} "
                                   f"(response: {batch.responses[bad][:80]!r})")
             total += scores
-            metrics["reward/model_mean"] = float(scores.mean())
-            metrics["timing/reward_model_s"] = seconds
+            parts["reward/model_mean"] = scores
+            timings["timing/reward_model_s"] = seconds
         if self.overlong_max_len is not None:
             shaping = overlong_penalty(batch.response_lengths, self.overlong_max_len, self.cfg.overlong_buffer,
                                        self.cfg.overlong_penalty)
             total += shaping
-            metrics["reward/overlong_penalty_mean"] = float(shaping.mean())
-        return total, metrics
+            parts["reward/overlong_penalty_mean"] = shaping
+        return total, parts, timings
 
     def _rm_batch(self, batch: RolloutBatch, prompts: list[Any]) -> RolloutBatch:
         """The batch re-rendered with the reward model's tokenizer and chat template."""
@@ -165,6 +173,11 @@ class RewardScorer:
         return RolloutBatch(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
                             action_mask=torch.zeros(batch.size, T - 1), group_index=batch.group_index,
                             rollout_logprobs=torch.zeros(batch.size, T - 1))
+
+
+def reward_means(parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each source's per-sample values -> its mean (the ``reward/<source>_mean`` metrics)."""
+    return {key: float(values.mean()) for key, values in parts.items()}
 
 
 def _same_vocab(a, b) -> bool:

@@ -4,7 +4,8 @@
                    with ``algo.filter_groups`` (DAPO) they are scored at once, and groups whose rewards are all
                    equal are replaced by groups of the next prompts;
                    with ``rollout.mode: one_step_off`` they sampled them during the previous step, and now start
-                   on the next batch while this one trains
+                   on the next batch while this one trains; with ``async`` they sample and score continuously,
+                   and the step takes the oldest groups of their queue
     2. score       reward functions here, while the reward model, reference, policy (old log-probs,
                    unless ``algo.old_logprobs: update`` takes them from step 4's own forward pass) and
                    critic run their forward passes on their own groups
@@ -58,11 +59,9 @@ class RLLoop(RolloutLoop):
         kl_coef = self.kl.value  # the coefficient this step uses (the adaptive controller moves it at the end)
         t_step = time.perf_counter()
 
-        # 1. generate (algo.filter_groups: and score, refilling the groups whose rewards were all equal)
-        if a.filter_groups:
-            batch, gens, rows, metrics = self.varied_batch(step, timer)
-        else:
-            batch, gens, rows = self.generate(timer, step)
+        # 1. generate (algo.filter_groups: and score, refilling the groups whose rewards were all equal;
+        #    rollout.mode async: taken from the queue the engines fill, scored as they finished)
+        batch, gens, rows, metrics = self.rollout_batch(step, timer)
 
         # 2. score: remote forwards start first, the reward functions run here meanwhile
         forwards = {}
@@ -72,8 +71,8 @@ class RLLoop(RolloutLoop):
             forwards["reference"] = roles.reference.forward_async(batch, self.logprobs)
         if roles.critic is not None:
             forwards["critic"] = roles.critic.forward_async(batch, TokenValues())
-        if not a.filter_groups:
-            metrics = self.score(batch, rows, timer)
+        if batch.rewards is None:
+            metrics.update(self.score(batch, rows, timer))
         results = {name: f.result() for name, f in forwards.items()}
         for name, (_, seconds) in results.items():
             metrics[f"timing/{name}_s"] = seconds

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 from rlhf_ray.algos.aggregation import masked_mean
-from rlhf_ray.algos.off_policy import importance_ratio
 
 
 def rollout_metrics(batch: Any, gens: Any, sync: dict[str, float]) -> dict[str, float]:
@@ -56,9 +55,9 @@ def importance_metrics(batch: Any, actor_steps: list[dict]) -> dict[str, float]:
     loss applies none (pi_old is the engine's own).
 
     ``actor/importance_ratio_mean`` and the fractions of units capped / masked come from the learners' sums.
-    ``actor/importance_ratio_max`` needs pi_old here: it is logged when the batch carries it (a learner pass);
-    with ``old_logprobs: update`` pi_old exists only inside the update and the max is not logged (the learners
-    return sums, which cannot carry a max)."""
+    ``actor/importance_ratio_max`` is the largest ratio the learners saw (their ``_max`` key, folded by max over
+    micro-batches and ranks), which also covers ``old_logprobs: update``, where pi_old exists only inside the
+    update."""
     level = next((lv for lv in ("token", "sequence") if any(f"importance_{lv}s" in s for s in actor_steps)), None)
     if level is None:
         return {}
@@ -67,10 +66,8 @@ def importance_metrics(batch: Any, actor_steps: list[dict]) -> dict[str, float]:
     m = {"actor/importance_ratio_mean": per_unit("importance_ratio_sum"),
          "actor/importance_capped_fraction": per_unit("importance_capped_sum"),
          "actor/importance_masked_fraction": per_unit("importance_masked_sum")}
-    if batch.old_logprobs is not None:
-        ratio, counted = importance_ratio(batch.old_logprobs, batch.rollout_logprobs, batch.action_mask, level)
-        if counted.any():
-            m["actor/importance_ratio_max"] = float(ratio[counted.bool()].max())
+    if units > 0:
+        m["actor/importance_ratio_max"] = max(s["importance_ratio_max"] for s in actor_steps)
     return m
 
 

@@ -158,10 +158,14 @@ class LearnerRole:
 
 
 def merge_rank_metrics(ranks: list[dict]) -> dict[str, float]:
-    """Per-rank metric sums -> one dict: sums added, seconds of the slowest rank, and from rank 0 what every rank
-    shares: lr, grad_norm and skipped_updates (ranks drop an update together)."""
+    """Per-rank metric sums -> one dict: sums added (``_max`` keys: the largest), seconds of the slowest rank, and
+    from rank 0 what every rank shares: lr, grad_norm and skipped_updates (ranks drop an update together)."""
+    from rlhf_ray.metrics import accumulate
+
     shared = ("lr", "grad_norm", "skipped_updates")
-    merged = {k: sum(r[k] for r in ranks) for k in ranks[0] if k not in (*shared, "seconds")}
+    merged: dict[str, float] = {}
+    for r in ranks:  # sums added, ``_max`` keys the largest
+        accumulate(merged, {k: v for k, v in r.items() if k not in (*shared, "seconds")})
     merged.update({k: ranks[0][k] for k in shared}, seconds=max(r["seconds"] for r in ranks))
     return merged
 

@@ -9,9 +9,14 @@ Where a step's samples come from (``rollout.mode``):
                    k meanwhile, so generation overlaps scoring, reference / critic forwards and the update. Each
                    sample is one policy version old (``rollout/staleness``); the off-policy correction against
                    the engine's own log-probs (``algo.off_policy_correction``) accounts for it.
+    async          the engines fill a queue of finished, scored groups from a background thread
+                   (``controller.rollout_stream``); step k takes the oldest ``prompts_per_step`` of them, each at most
+                   ``rollout.max_staleness`` versions old, and the weights reach the engines between their requests
+                   (``rollout.partial``: interrupting them, to continue the same samples under the new weights).
 
-Checkpoints of a one_step_off run hold the batch in flight (``rollouts_ahead.pt``): a resumed run trains on the
-very samples the uninterrupted run trained on.
+Checkpoints of a one_step_off run hold the batch in flight, those of an async run the queue with the samples in
+flight finished (``rollouts_ahead.pt``): a resumed one_step_off run trains on the very samples the uninterrupted
+run trained on, a resumed async run on each prompt of the epoch once.
 """
 
 from __future__ import annotations
@@ -27,8 +32,9 @@ import torch
 
 from rlhf_ray.controller.loop import PromptCursor, Schedule, TrainLoop
 from rlhf_ray.controller.recovery import classify
-from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, score_batch
+from rlhf_ray.controller.reward_scoring import RewardScorer, attach_prompts, reward_means, score_batch
 from rlhf_ray.controller.rl_metrics import rollout_metrics
+from rlhf_ray.controller.rollout_stream import RolloutStream
 from rlhf_ray.controller.worker_group import RemoteCallError, RemoteCallTimeout
 from rlhf_ray.efficiency import ModelShape, efficiency_metrics, rl_step_counts
 from rlhf_ray.engines.rollout_engine import SamplingSpec
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 AHEAD_FILE = "rollouts_ahead.pt"
+ROLLOUTS_FILE = "rollouts.jsonl"
 
 
 @dataclass
@@ -103,7 +110,15 @@ class RolloutLoop(TrainLoop):
         self.ahead: Optional[Ahead] = None
         self.cursor = PromptCursor(self.order)
         """Where the run is in its prompts' epoch order (checkpointed: a resumed run takes the prompts next)."""
+        self.stream: Optional[RolloutStream] = None
+        if self.cfg.rollout.mode == "async":
+            r = self.cfg.rollout
+            self.stream = RolloutStream(roles.rollout, prompts, self.cursor, self.spec, self.scorer,
+                                        tokenizer.pad_token_id, schedule.items_per_step, schedule.total_steps,
+                                        r.max_staleness, r.partial, self.sampling_seed, self.cfg.train.timeout_s)
         self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
+        self.rows: list = []
+        """Each sequence's prompt in the step's batch (for ``logging.rollouts``)."""
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -113,6 +128,8 @@ class RolloutLoop(TrainLoop):
 
     def before_run(self, start: int) -> dict[str, float]:
         self.version = self.engine_version = start
+        if self.cfg.logging.rollouts:
+            keep_rows_before(self.output_dir / ROLLOUTS_FILE, start)
         if start or self.cfg.model.lora.load_in_4bit:
             # The engines loaded model.path. A resumed policy is another model, and so is a QLoRA one (its base
             # is the 4-bit rounding of those weights): give the engines its weights before the first rollout.
@@ -121,11 +138,22 @@ class RolloutLoop(TrainLoop):
             for role in self.roles.learners():
                 role.offload()
             self.roles.rollout.wake_up()
+        if self.stream is not None:
+            self.stream.start(start)
         return {}
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.close()
 
     def save_files(self, directory: Path, step: int) -> None:
         """One step off: the batch the engines are generating for ``step`` (finished first), so that a resumed
-        run trains on the samples this one would have."""
+        run trains on the samples this one would have. Async: the queue, the samples in flight finished first."""
+        if self.stream is not None:
+            with self.stream.paused_for("drain"):  # the cursor with it: the thread takes prompts once resumed
+                torch.save({"step": step, **self.stream.state(), "prompts_taken": self.cursor.taken,
+                            "prompts_returned": list(self.cursor.returned)}, directory / AHEAD_FILE)
+            return
         if self.ahead is None or self.ahead.step != step:
             return
         batch, gens = self.on_engines(self.ahead.pending.result)
@@ -138,6 +166,17 @@ class RolloutLoop(TrainLoop):
         if not path.exists():
             return
         saved = torch.load(path, weights_only=True)
+        if "groups" in saved:  # an async run's queue, and where its cursor was when the queue was saved
+            self.cursor.taken = int(saved["prompts_taken"])
+            self.cursor.returned = [int(i) for i in saved["prompts_returned"]]
+            if self.stream is not None:
+                self.stream.load_state(saved)
+            else:  # resumed in another mode: sample those prompts again
+                self.cursor.give_back([int(g["prompt"]) for g in saved["groups"]])
+            return
+        if self.stream is not None:  # a one-step-off batch, resumed async
+            self.cursor.give_back([int(i) for i in saved["prompt_indices"]])
+            return
         if not self.one_step_off:  # a sync run resumed from a one-step-off checkpoint: take those prompts again
             self.cursor.taken -= len(saved["prompt_indices"])
             return
@@ -150,11 +189,12 @@ class RolloutLoop(TrainLoop):
         self.ahead = Ahead(step, indices, Done(batch, gens), int(saved["version"]))
 
     def extra_state(self) -> dict[str, Any]:
-        return {"prompts_taken": self.cursor.taken}
+        return {"prompts_taken": self.cursor.taken, "prompts_returned": list(self.cursor.returned)}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         per_step = self.schedule.items_per_step
         self.cursor.taken = int(state.get("prompts_taken", state["step"] * per_step))
+        self.cursor.returned = [int(i) for i in state.get("prompts_returned", [])]
 
     # ---- pieces of a step ---------------------------------------------------------------------------
     def sampling_seed(self, step: int, round_: int = 0) -> int:
@@ -215,6 +255,45 @@ class RolloutLoop(TrainLoop):
                 for role in self.roles.learners():
                     role.reload()
         return batch, gens, attach_prompts(batch, prompts)
+
+    def rollout_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
+        """Step 1: the step's samples as (batch, generations, each sequence's prompt, metrics). Scored already
+        (``batch.rewards`` set, reward metrics included) when they are scored as they are sampled: DAPO's refills
+        (``algo.filter_groups``) and the async stream; else the caller scores them, overlapping its forwards."""
+        if self.cfg.algo.filter_groups:
+            out = self.varied_batch(step, timer)
+        elif self.stream is not None:
+            out = self.streamed_batch(step, timer)
+        else:
+            out = (*self.generate(timer, step), {})
+        self.rows = out[2]
+        return out
+
+    def streamed_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
+        """``rollout.mode: async``: the step's groups from the stream's queue (scored as they finished), as one
+        batch in the order they were started, with the step's ``rollout/`` staleness and queue numbers."""
+        from rlhf_ray.controller.roles import batch_of
+        from rlhf_ray.engines.rollout_engine import Generations
+
+        assert self.stream is not None
+        with timer("generate"):  # the wait for the queue
+            groups, numbers = self.stream.take(self.version, self.channel.push)
+        self.last_sync = {"seconds": self.last_sync["seconds"] + numbers.pop("sync_seconds"),
+                          "bytes": self.last_sync["bytes"] + numbers.pop("sync_bytes")}
+        prompts = [self.prompts[g.prompt] for g in groups]
+        # The engines' own seconds since the last step took its groups (``rollout/generate_engine_s``).
+        gens = Generations.of_groups([g.gens for g in groups], numbers.pop("generate_engine_s"))
+        batch = batch_of([p.prompt_ids for p in prompts], gens, self.tokenizer.pad_token_id)
+        rows = attach_prompts(batch, prompts)
+        batch.rewards = torch.cat([g.rewards for g in groups])
+        ages = np.concatenate([[self.version - int(v.min()) if len(v) else 0 for v in g.versions] for g in groups])
+        batch.staleness = int(ages.max())
+        metrics = reward_means({k: torch.cat([g.parts[k] for g in groups]) for k in groups[0].parts})
+        metrics.update(numbers)
+        metrics.update({"rollout/staleness_mean": float(ages.mean()),
+                        "rollout/partial_samples": float(sum(g.continued for g in groups)),
+                        "rollout/score_s": sum(g.score_s for g in groups)})
+        return batch, gens, rows, metrics
 
     def varied_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
         """DAPO's dynamic sampling (``algo.filter_groups``): generate and score a step's prompts, keep the groups
@@ -281,6 +360,12 @@ class RolloutLoop(TrainLoop):
         """Step 5, after the update: sync the new policy into the engines now, or (one step off) at the start of
         the next step, when they are idle. Returns the seconds and bytes of the sync done in this step."""
         self.version += 1
+        if self.stream is not None:
+            self.stream.publish(self.version)
+            done = self.stream.sync_if_due(self.channel.push)
+            synced = {k: self.last_sync[k] + done[k] for k in done}
+            self.last_sync = {"seconds": 0.0, "bytes": 0.0}
+            return synced
         if self.one_step_off:
             synced, self.last_sync = self.last_sync, {"seconds": 0.0, "bytes": 0.0}
             return synced
@@ -327,12 +412,15 @@ class RolloutLoop(TrainLoop):
                        t_step: float) -> dict[str, float]:
         """Add rollout statistics, phase timings, throughput and the efficiency report of the step from ``t_step``."""
         metrics.update(rollout_metrics(batch, gens, sync))
-        metrics["rollout/staleness"] = float(batch.staleness)
+        metrics["rollout/staleness"] = float(batch.staleness)  # the oldest sample's
+        metrics.setdefault("rollout/staleness_mean", float(batch.staleness))  # async: over the samples
         # The engines' own seconds on this batch (one step off: spent while the previous step trained). Not a
         # timing/ phase: the step's phases add up to its wall time, and this one overlaps them.
         metrics["rollout/generate_engine_s"] = gens.seconds
         metrics.update(timer.pop())
         metrics["timing/step_s"] = time.perf_counter() - t_step
+        if self.cfg.logging.rollouts:
+            write_rollouts(self.output_dir / ROLLOUTS_FILE, self.version, batch, self.rows)
         metrics["efficiency/tokens_per_s"] = float(batch.attention_mask.sum()) / metrics["timing/step_s"]
         metrics["efficiency/generate_tokens_per_s"] = gens.num_tokens / max(gens.seconds, 1e-9)
         sh = self.shapes
@@ -359,9 +447,18 @@ class RolloutLoop(TrainLoop):
         (``eval.n_samples`` per prompt at ``eval.temperature``; one greedy response by default) and scored with the
         training rewards: ``eval/`` mean reward, accuracy, pass@k and maj@k (``rlhf_ray.evaluation``), response
         length; with ``eval.greedy`` one greedy response per prompt more, under ``eval/greedy/``."""
+        if self.stream is not None:  # the engines to evaluation, brought up to the policy's version first
+            with self.stream.paused_for("interrupt" if self.cfg.rollout.partial else "drain"):
+                if self.stream.engine_version < self.version:
+                    self.last_sync = self.sync_weights()
+                    self.stream.engine_version = self.version
+                return self._evaluate(step)
+        self.engines_current()  # one step off: the engines may still hold the weights before the last update
+        return self._evaluate(step)
+
+    def _evaluate(self, step: int) -> dict[str, float]:
         settings = self.resolved.evaluation
         assert settings is not None
-        self.engines_current()  # one step off: the engines may still hold the weights before the last update
         spec = dataclasses.replace(self.spec, n=settings.n, temperature=settings.temperature, top_p=settings.top_p,
                                    max_tokens=settings.max_new_tokens)
         numbers = summarize(self.eval_samples(spec, step), settings, settings.ks)
@@ -383,3 +480,25 @@ class RolloutLoop(TrainLoop):
         samples = SampleSet()
         samples.add_batch(batch, score_batch(self.scorer, batch, attach_prompts(batch, prompts)))
         return samples
+
+
+def write_rollouts(path: Path, step: int, batch, rows: list) -> None:
+    """Append the batch's samples to ``rollouts.jsonl`` (``logging.rollouts``), one JSON row each."""
+    import json
+
+    with open(path, "a") as f:
+        for b, row in enumerate(rows):
+            f.write(json.dumps({"step": step, "row": row.location, "group": int(batch.group_index[b]),
+                                "response": batch.responses[b], "reward": float(batch.rewards[b]),
+                                "staleness": int(batch.staleness), "finish_reason": batch.finish_reasons[b]}) + "\n")
+
+
+def keep_rows_before(path: Path, start: int) -> None:
+    """A resumed run drops the rows of steps after its checkpoint (an interrupted run wrote them, the resumed one
+    writes them again)."""
+    import json
+
+    if start == 0 or not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
+    path.write_text("".join(line + "\n" for line in lines))

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional
 
 import torch
 
+from rlhf_ray.metrics import accumulate
 from rlhf_ray.config.schema import LearnerConfig, ModelConfig, OptimConfig
 from rlhf_ray.engines.lr_schedule import lr_multiplier
 from rlhf_ray.objectives.common import BatchTotals, Forward, Objective
@@ -296,8 +297,7 @@ class LearnerEngine:
             self.engine.backward(loss)
             if i < last:
                 self.engine.step()  # inside the accumulation: DeepSpeed only counts the micro-batch
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            accumulate(sums, metrics)
             n_tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else 0
         own_norm = self._unchecked_grad_norm()
         if not bad and own_norm is not None and not math.isfinite(own_norm):
@@ -391,8 +391,7 @@ class LearnerEngine:
         sums: dict[str, float] = {}
         for mb in micro_batches:
             _, metrics = objective(self.engine, self.to_device(mb), totals)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+            accumulate(sums, metrics)
         return sums
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -102,6 +102,29 @@ class Generations:
         return int(sum(len(t) for t in self.token_ids))
 
 
+@dataclass
+class StreamRequest:
+    """One sample to generate on a streaming engine (``rollout.mode: async``): ``prompt_ids`` is the prompt, or
+    the prompt plus the tokens a sample had when a weight sync interrupted it (``rollout.partial``), and
+    ``max_tokens`` what is left of its budget."""
+
+    key: str
+    prompt_ids: list[int]
+    max_tokens: int
+
+
+@dataclass
+class StreamPiece:
+    """What a streaming engine generated for one request: all of it (``finish_reason`` set), or what it had when
+    ``interrupt`` stopped it (``finish_reason`` None)."""
+
+    key: str
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+    text: str
+    finish_reason: Optional[str]
+
+
 class RolloutEngine:
     """A ``vllm.LLM`` set up for RL: token-id prompts, sampled-token log-probs, in-place weight updates."""
 
@@ -141,6 +164,8 @@ class RolloutEngine:
         self.llm = LLM(**kwargs)
         self.start_seconds = time.perf_counter() - t0
         self.sleeping = False
+        self.streaming: dict[str, dict[str, Any]] = {}
+        """Requests in flight on the streaming path: key -> tokens, log-probs and text so far."""
         log.info("vLLM engine for %s up in %.1f s (%s, tp=%d)", model_path, self.start_seconds,
                  "GPU" if self.on_gpu else "CPU", cfg.tensor_parallel_size)
 
@@ -166,6 +191,52 @@ class RolloutEngine:
                 texts.append(sample.text)
                 reasons.append(str(sample.finish_reason))
         return Generations(np.asarray(index, dtype=np.int64), tokens, logps, texts, reasons, seconds)
+
+    # ---- streaming (rollout.mode: async) -----------------------------------------------------------
+    def submit(self, requests: list[StreamRequest], spec: SamplingSpec) -> None:
+        """Queue ``requests`` (one sample each; ``spec.n`` is ignored) without waiting; ``poll`` advances them.
+
+        Requests of n = 1 added in order are what ``LLM.generate`` with ``n`` > 1 adds (one child request per
+        sample), so the same requests from the same seed draw the same tokens on either path."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        for req in requests:
+            params = SamplingParams(
+                n=1, temperature=spec.temperature, top_p=spec.top_p, top_k=spec.top_k, max_tokens=req.max_tokens,
+                stop=list(spec.stop) or None, ignore_eos=spec.ignore_eos, logprobs=0, skip_special_tokens=True)
+            params.output_kind = RequestOutputKind.DELTA  # each step's new tokens, kept here as they come
+            self.llm.llm_engine.add_request(req.key, {"prompt_token_ids": list(req.prompt_ids)}, params)
+            self.streaming[req.key] = {"tokens": [], "logprobs": [], "text": []}
+
+    def poll(self, max_seconds: float) -> list[StreamPiece]:
+        """Run engine steps until a request finishes or ``max_seconds`` pass; returns the finished ones."""
+        engine, done = self.llm.llm_engine, []
+        deadline = time.perf_counter() + max_seconds
+        while engine.has_unfinished_requests() and not done and time.perf_counter() < deadline:
+            for out in engine.step():
+                key = out.request_id if out.request_id in self.streaming else _external_id(out.request_id)
+                state, sample = self.streaming[key], out.outputs[0]
+                ids = np.asarray(sample.token_ids, dtype=np.int64)
+                state["tokens"].append(ids)
+                state["logprobs"].append(_sampled_logprobs(sample, ids))
+                state["text"].append(sample.text)
+                if out.finished:
+                    done.append(self._piece(key, str(sample.finish_reason)))
+        return done
+
+    def interrupt(self) -> list[StreamPiece]:
+        """Abort every request in flight (a weight sync is due, ``rollout.partial``); returns what each had."""
+        keys = list(self.streaming)
+        if keys:
+            self.llm.llm_engine.abort_request(keys)
+        return [self._piece(key, None) for key in keys]
+
+    def _piece(self, key: str, finish_reason: Optional[str]) -> StreamPiece:
+        state = self.streaming.pop(key)
+        tokens = np.concatenate(state["tokens"]) if state["tokens"] else np.zeros(0, dtype=np.int64)
+        logps = np.concatenate(state["logprobs"]) if state["logprobs"] else np.zeros(0, dtype=np.float32)
+        return StreamPiece(key, tokens, logps, "".join(state["text"]), finish_reason)
 
     def sequence_logprobs(self, sequences: list[list[int]], temperature: float = 1.0) -> list[np.ndarray]:
         """Log-probs (len - 1,) of tokens 1.. of each sequence under the engine's current weights.
@@ -208,6 +279,11 @@ class RolloutEngine:
         if tags is None or "kv_cache" in tags:
             self.sleeping = False
         return time.perf_counter() - t0
+
+
+def _external_id(request_id: str) -> str:
+    """The id a request was added with: vLLM >= 0.12 reports ``<id>-<8 hex>`` (its internal id) in outputs."""
+    return request_id.rsplit("-", 1)[0]
 
 
 def _sampled_logprobs(sample: Any, ids: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RUN_PARTS = ("metrics.jsonl", "checkpoints", "final", "best", "tensorboard", "eval.json", "eval_samples.jsonl",
-             "report.html")
+             "report.html", "rollouts.jsonl")
 """What a run writes into ``train.output_dir`` (and ``train.overwrite`` removes)."""
 
 

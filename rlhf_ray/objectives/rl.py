@@ -143,12 +143,15 @@ class PolicyLoss:
 def importance_metric_sums(weights: ImportanceWeights) -> dict[str, float]:
     """A correction's metric sums over its units (``ImportanceWeights.units``): the count under
     ``importance_tokens`` or ``importance_sequences`` (which names the level), and the sums of the ratio rho and
-    of the units capped and masked (``rl_metrics.policy_metrics`` divides them by the count)."""
+    of the units capped and masked (``rl_metrics.policy_metrics`` divides them by the count), and the largest ratio
+    (``importance_ratio_max``, which ``metrics.accumulate`` folds by max)."""
     units = weights.units
+    counted = weights.ratio[units.bool()]
     return {f"importance_{weights.level}s": float(units.sum()),
             "importance_ratio_sum": float((weights.ratio * units).sum()),
             "importance_capped_sum": float((weights.capped * units).sum()),
-            "importance_masked_sum": float((weights.masked * units).sum())}
+            "importance_masked_sum": float((weights.masked * units).sum()),
+            "importance_ratio_max": float(counted.max()) if counted.numel() else 0.0}
 
 
 def token_values(model: torch.nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -29,6 +29,15 @@ class RolloutWorker:
     def generate(self, prompt_ids: list[list[int]], spec):
         return self.engine.generate(prompt_ids, spec)
 
+    def submit(self, requests, spec) -> None:
+        self.engine.submit(requests, spec)
+
+    def poll(self, max_seconds: float):
+        return self.engine.poll(max_seconds)
+
+    def interrupt(self):
+        return self.engine.interrupt()
+
     def sequence_logprobs(self, sequences: list[list[int]]):
         return self.engine.sequence_logprobs(sequences)
 

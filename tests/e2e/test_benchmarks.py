@@ -29,7 +29,7 @@ FLOORED = ("generate", "train", "weight_sync")
 GRPO_TINY = "python benchmarks/bench_rl.py --job grpo --tiny"
 TRL_BESIDE = "python benchmarks/bench_trl.py --from runs/bench/grpo-tiny"
 CALIBRATE = "python benchmarks/calibrate.py"
-MODES_TINY = "python benchmarks/bench_rl.py --job grpo --tiny --mode sync,one_step_off --reward-delay-s 1"
+MODES_TINY = "python benchmarks/bench_rl.py --job grpo --tiny --mode sync,one_step_off,async --reward-delay-s 1 --long-tail"
 """The README's benchmark commands, run verbatim below in a scratch directory laid out like a clone."""
 
 
@@ -116,23 +116,26 @@ def test_trl_runs_the_same_workload_beside_ours(grpo_tiny):
 
 
 def test_rollout_modes_side_by_side(ray_cluster, tmp_path):
-    """The README's rollout-mode command: both modes' step time beside serial (generate + rest + sync) and ideal
-    (max(generate, rest) + sync) seconds. Speed is not asserted here (a noisy 2-core machine); what is: both
-    modes ran the workload, one step off trained on samples one update old, and the sums are consistent."""
+    """The README's rollout-mode command: each mode's step time beside serial (generate + rest + sync) and ideal
+    (max(generate, rest) + sync) seconds. Speed is not asserted here (a noisy 2-core machine); what is: every
+    mode ran the workload, one step off trained on samples one update old, async on samples at most one update
+    old (its default max_staleness) and scored them off the step's path, and the sums are consistent."""
     for name in ("benchmarks", "rlhf_ray"):  # a clone of its own: its runs/bench/grpo-tiny is not grpo_tiny's
         (tmp_path / name).symlink_to(REPO / name)
     proc = _run(MODES_TINY, tmp_path, timeout=900, env={"RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address})
-    work = tmp_path / "runs" / "bench" / "grpo-tiny"
-    assert "== rollout modes" in proc.stdout and "one_step_off" in proc.stdout
+    work = tmp_path / "runs" / "bench" / "grpo-tiny-longtail"
+    assert "== rollout modes" in proc.stdout and "one_step_off" in proc.stdout and "async" in proc.stdout
     result = json.loads((work / "result.json").read_text())
     modes = result["modes"]
-    assert list(modes) == ["sync", "one_step_off"] and result["reward_delay_s"] == 1.0
+    assert list(modes) == ["sync", "one_step_off", "async"] and result["reward_delay_s"] == 1.0
     assert modes["sync"]["staleness_mean"] == 0 and modes["one_step_off"]["staleness_mean"] == 1
-    for m in modes.values():
-        assert m["rest_s"] >= 1.0  # the reward's 1 s wait is on every step's path
-        assert m["serial_s"] == pytest.approx(m["generate_s"] + m["rest_s"] + m["weight_sync_s"])
-        assert m["ideal_s"] == pytest.approx(max(m["generate_s"], m["rest_s"]) + m["weight_sync_s"])
-    assert (work / "run-one_step_off" / "metrics.jsonl").is_file()
+    assert modes["async"]["staleness_max"] <= 1
+    for name, m in modes.items():
+        # The reward's 1 s a step is on every step's path but async's, where groups are scored as they finish.
+        assert (m["rest_s"] >= 1.0) == (name != "async") and (m["score_s"] >= 1.0) == (name == "async"), (name, m)
+        assert m["serial_s"] == pytest.approx(m["generate_s"] + m["score_s"] + m["rest_s"] + m["weight_sync_s"])
+        assert m["ideal_s"] == pytest.approx(max(m["generate_s"], m["score_s"], m["rest_s"]) + m["weight_sync_s"])
+    assert (work / "run-one_step_off" / "metrics.jsonl").is_file() and (work / "run-async" / "metrics.jsonl").is_file()
 
 
 def test_calibrate_command(scratch):

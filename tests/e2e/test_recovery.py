@@ -203,3 +203,52 @@ def test_evaluating_during_training_changes_no_training_sample_and_keeps_the_bes
     source = Path(tiny_model_dir) if step == 0 else out / "checkpoints" / f"step_{step:06d}" / "model"
     best, want = load_file(out / "best" / "model.safetensors"), load_file(source / "model.safetensors")
     assert best.keys() == want.keys() and all(bool((best[k] == want[k]).all()) for k in best)
+
+
+# ---- asynchronous rollouts (rollout.mode: async) --------------------------------------------------------------
+
+def test_async_rollouts_with_max_staleness_0_train_exactly_as_sync(straight, tiny_model_dir, tmp_path):
+    """max_staleness 0: the stream may start a step's prompts only once the policy has every earlier update, and
+    starts them with the step's seed, split over the engines as sync splits them; it scores each group as it
+    finishes. Every step's metrics equal the sync run's (rewards, losses, KL, the learner-vs-vLLM gap)."""
+    rows = _grpo(tiny_model_dir, tmp_path / "run", **{"rollout.mode": "async", "rollout.max_staleness": 0})
+    assert [{k: r[k] for k in straight[0]} for r in rows] == straight
+    assert all(r["rollout/dropped_stale"] == r["rollout/partial_samples"] == 0 for r in rows)
+
+
+def test_async_partial_rollouts_survive_a_learner_kill_taking_every_prompt_once(tiny_model_dir, tmp_path):
+    """max_staleness 1 with partial rollouts (samples in flight at each weight sync are interrupted and continued
+    under the new weights), 32-token responses so that syncs do interrupt them, a checkpoint every 3 steps and a
+    learner rank SIGKILLed at the start of step 5: the run restarts its roles, resumes from the step-3 checkpoint
+    (which holds the groups the engines had finished or had in flight for later steps) and trains on the first 6
+    step batches of the epoch order, each prompt once (``rollouts.jsonl``). The learning rate is ~0, so every
+    sync pushes the same weights: a continued sample's stitched tokens and log-probs must then match the
+    learner's exactly as an uninterrupted sample's do (gap < 1e-3), which checks the stitching itself."""
+    expected: list[str] = []
+
+    def kill(loop) -> None:
+        expected.extend(loop.prompts[i].location for s in range(6) for i in loop.order.batch(s))
+        os.kill(_pid(loop, "actor", 1), signal.SIGKILL)
+
+    out = tmp_path / "run"
+    rows = _grpo(tiny_model_dir, out, steps=6, loop_cls=_faulty({4: kill}), **{
+        "rollout.mode": "async", "rollout.max_staleness": 1, "rollout.partial": True, "rollout.max_new_tokens": 32,
+        "train.save_every": 3, "optim.lr": 1e-12, "logging.rollouts": True, "algo.kl_coef": 0.0})
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert [r["recovery/restarts"] for r in rows] == [0, 0, 0, 1, 1, 1]  # steps 4-6 run after the restart
+    record, resumed = _recoveries(out)
+    assert record["action"] == "restart" and resumed["checkpoint"].endswith("step_000003")
+    import torch
+
+    queued = torch.load(out / "checkpoints" / "step_000003" / "rollouts_ahead.pt", weights_only=True)
+    assert queued["groups"], "the step-3 checkpoint holds the groups started for later steps"
+    samples = [json.loads(line) for line in (out / "rollouts.jsonl").read_text().splitlines()]
+    by_step: dict[int, list[str]] = {}
+    for s in samples:
+        by_step.setdefault(s["step"], []).append(s["row"])
+    assert sorted(by_step) == list(range(1, 7)) and all(len(v) == 16 for v in by_step.values())
+    trained = [row for step in sorted(by_step) for row in dict.fromkeys(by_step[step])]
+    assert len(trained) == len(set(trained)) == 24 and set(trained) == set(expected)
+    assert all(r["rollout/staleness"] <= 1 for r in rows)
+    assert sum(r["rollout/partial_samples"] for r in rows) > 0
+    assert max(r["rollout/logprob_diff_learner_vllm"] for r in rows) < 1e-3

@@ -33,20 +33,22 @@ def _assert_synced_every_step(rows: list[dict]) -> None:
     assert diffs and max(diffs) < 1e-3, diffs
 
 
-@pytest.mark.parametrize("mode", ["sync", "one_step_off"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
 def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path, mode):
     """`rlhf-ray train examples/grpo_tiny_cpu.yaml` as its own process on this Ray cluster, placement separate:
     a random-init model learns to repeat the number in the prompt from the built-in math reward alone.
     80 of the example's 100 steps: the mean reward is ~0.04 over steps 1-10 and ~0.59 over steps 71-80 here.
-    one_step_off must clear the same bar while training on samples one update old (the issue's staleness-1
-    criterion: the importance correction keeps the stale update pointed the right way)."""
+    async (max_staleness 1, partial rollouts) must clear the same bar while training on samples up to one update
+    old (the issue's staleness-1 criterion: the importance correction keeps the stale update pointed the right
+    way). one_step_off's correctness is held to the KL-regularised optimum in test_kl_optimum.py."""
     out = tmp_path / "grpo"
     address = ray_cluster.get_runtime_context().gcs_address
+    extra = ["rollout.max_staleness=1", "rollout.partial=true"] if mode == "async" else []
     proc = subprocess.run(
         [sys.executable, "-m", "rlhf_ray", "train", "examples/grpo_tiny_cpu.yaml", f"model.path={tiny_model_dir}",
          f"train.output_dir={out}", f"ray.address={address}", "learner.gpus_per_worker=1",
-         "placement.mode=separate", "algo.total_steps=80", "logging.progress_bar=false", f"rollout.mode={mode}"],
-        cwd=REPO, capture_output=True, text=True, timeout=900)
+         "placement.mode=separate", "algo.total_steps=80", "logging.progress_bar=false", f"rollout.mode={mode}",
+         *extra], cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = read_metrics(out / "metrics.jsonl")
     rewards = [r["rollout/reward_mean"] for r in rows]
@@ -56,8 +58,9 @@ def test_grpo_learns_from_the_reward_alone(ray_cluster, tiny_model_dir, tmp_path
     assert first < 0.15 and last > first + 0.25, [round(x, 2) for x in rewards]
     if mode == "sync":
         _assert_synced_every_step(rows)
-    else:  # the gap then holds one update's change as well; what must hold is the staleness itself
-        assert [r["rollout/staleness"] for r in rows] == [0] + [1] * 79
+    else:  # the gap then holds up to one update's change as well; what must hold is the staleness bound
+        staleness = [r["rollout/staleness"] for r in rows]
+        assert staleness[0] == 0 and max(staleness) == 1, staleness
     report = json.loads((out / "placement.json").read_text())
     actor, rollout = set().union(*_gpu_sets(report, "actor")), set().union(*_gpu_sets(report, "rollout"))
     assert report["mode"] == "separate" and len(actor) == 2 and len(rollout) == 1 and not actor & rollout

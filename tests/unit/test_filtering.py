@@ -37,3 +37,14 @@ def test_a_cursor_taking_more_moves_on_through_the_same_order_across_epochs():
     assert got == stream  # 3 + 2 + 6 + 5 = 16 = four steps' batches, in order
     # every item of epoch 0 that the epoch order uses (8 of 10) is taken exactly once
     assert sorted(got[:8]) == sorted(order.batch(0) + order.batch(1)) and len(set(got[:8])) == 8
+
+
+def test_items_given_back_are_taken_again_first_then_the_order_goes_on():
+    """A streaming rollout drops a stale group and gives its prompt back: the next take returns it first, and
+    the order resumes where it was, so no item is lost or taken twice."""
+    order = _order()
+    cursor = PromptCursor(order)
+    first = cursor.take(4)
+    cursor.give_back([first[1]])
+    assert cursor.take(3) == [first[1]] + order.batch(1)[:2]
+    assert cursor.take(2) == order.batch(1)[2:] and cursor.returned == [] and cursor.taken == 8

@@ -87,7 +87,11 @@ def test_shared_with_mismatched_sizes_is_refused():
      "rollout.mode: one_step_off generates while the learners train, which needs the engines on their own"),
     ({"job": "best_of_n", "rollout.mode": "one_step_off"}, "rollout.mode: one_step_off overlaps generation with "
                                                             "training; job best_of_n does not train on rollouts"),
-    ({"job": "grpo", "rollout.mode": "async"}, "rollout.mode"),
+    ({"job": "grpo", "rollout.mode": "fully_async"}, "rollout.mode"),
+    ({"job": "grpo", "rollout.mode": "async", "rollout.max_staleness": -1}, "rollout.max_staleness: must be >= 0"),
+    ({"job": "grpo", "placement.mode": "hybrid", "rollout.num_engines": 2, "rollout.mode": "async"},
+     "rollout.mode: async generates while the learners train, which needs the engines on their own"),
+    ({"job": "sft", "rollout.mode": "async"}, "rollout.mode: async overlaps generation with training; job sft"),
     ({"job": "ppo", "algo.filter_groups": True}, "algo.filter_groups: drops prompts whose samples' rewards are all"),
     ({"job": "grpo", "algo.filter_groups": True, "rollout.mode": "one_step_off"},
      "algo.filter_groups: refills a step's batch with new samples at step time"),

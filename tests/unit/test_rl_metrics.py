@@ -70,10 +70,21 @@ def test_sequence_level_correction_metrics_count_sequences():
     assert m["actor/importance_capped_fraction"] == pytest.approx(1 / 3, abs=1e-6)   # only 1.5 > 1.4
 
 
-def test_with_pi_old_from_the_update_the_max_is_not_logged():
+def test_with_pi_old_from_the_update_the_max_comes_from_the_learners():
+    """pi_old exists only inside the update: the max is the learners' ``_max`` key, folded by max across ranks
+    (rank 0 saw 3, rank 1 saw 1: a sum would say 4)."""
     m = policy_metrics(_batch(with_old=False), None, [_actor_step("token_tis", OffPolicyParams(), True)], True)
     assert m["actor/importance_ratio_mean"] == pytest.approx(9.35 / 8, abs=1e-6)
-    assert "actor/importance_ratio_max" not in m
+    assert m["actor/importance_ratio_max"] == pytest.approx(3.0, abs=1e-6)
+
+
+def test_accumulate_adds_sums_and_keeps_the_largest_max():
+    from rlhf_ray.metrics import accumulate
+
+    sums: dict[str, float] = {}
+    for micro_batch in ({"loss_sum": 1.0, "ratio_max": 2.0}, {"loss_sum": 0.5, "ratio_max": 1.5}):
+        accumulate(sums, micro_batch)
+    assert sums == {"loss_sum": 1.5, "ratio_max": 2.0}
 
 
 def test_without_a_correction_no_importance_metrics():
