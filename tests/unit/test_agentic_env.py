@@ -131,3 +131,38 @@ def test_the_caller_runs_coroutines_on_one_loop_with_the_same_bounds():
     assert out[1].timed_out and isinstance(out[2].error, ValueError)
     again = caller.run([lambda: ok(3)], is_async=True)
     assert again[0].value == 3 and len(set(map(id, loops))) == 1  # one loop across batches (turns)
+
+
+def test_bad_environment_and_tool_specs_fail_before_any_actor_starts(tiny_model_dir, tmp_path, capsys):
+    from pathlib import Path
+
+    from rlhf_ray.cli import main
+
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "agentic_tiny_cpu.yaml")
+    env_file = write(tmp_path, GOOD)
+    for overrides, expected in [
+        ([f"rollout.tools=[{tmp_path / 'missing.py'}]"], "config error: rollout.tools: tool file not found: "),
+        (["rollout.tools=[]", f"rollout.env={env_file}:Nope"], f"config error: rollout.env: environment file "
+                                                                f"{env_file} has no class 'Nope'"),
+        (["rollout.tools=[]", f"rollout.env={env_file}", "rollout.mode=one_step_off"],
+         "config error: rollout.env: multi-turn episodes run with rollout.mode sync for now"),
+    ]:
+        code = main(["validate", example, f"model.path={tiny_model_dir}", f"train.output_dir={tmp_path / 'x'}",
+                     *overrides])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and err.startswith(expected), err
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_environment_error_is_one_line_from_the_cli(monkeypatch, capsys):
+    import rlhf_ray.cli as cli
+    from rlhf_ray.agentic.env import EnvError
+
+    def fail(config, overrides):
+        raise EnvError("environment 'Env' from /x/env.py: step raised KeyError: 'a', on sample 3 (prompt 0, "
+                       "rows.jsonl:1: 'q'), turn 2")
+
+    monkeypatch.setattr(cli, "cmd_train", fail)
+    assert cli.main(["train", "some.yaml"]) == 2
+    assert capsys.readouterr().err.strip() == ("environment error: environment 'Env' from /x/env.py: step raised "
+                                               "KeyError: 'a', on sample 3 (prompt 0, rows.jsonl:1: 'q'), turn 2")

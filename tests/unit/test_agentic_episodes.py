@@ -359,3 +359,93 @@ def test_environment_rewards_join_the_reward_and_a_failed_environment_zeroes_it(
     only_env, _ = RewardScorer(RewardConfig(functions=[]), DataConfig(), env_rewards=True).finish(
         batch, None, ["p"] * 3, {})
     assert only_env.tolist() == [1.0, 0.5, 0.0]
+
+
+# ---- the README's environment and tool files ---------------------------------------------------------------------
+
+def readme_file(first_line: str) -> str:
+    """The README's indented code block that opens with ``first_line``, dedented."""
+    from pathlib import Path
+
+    lines = (Path(__file__).resolve().parents[2] / "README.md").read_text().splitlines()
+    start = lines.index(f"    {first_line}")
+    block = []
+    for line in lines[start:]:
+        if line.strip() and not line.startswith("    "):
+            break
+        block.append(line)
+    return textwrap.dedent("\n".join(block)).strip() + "\n"
+
+
+def test_the_readme_environment_plays_its_game(tmp_path):
+    path = tmp_path / "guess_env.py"
+    path.write_text(readme_file("# guess_env.py: the model guesses the row's number; the environment answers "
+                                "\"higher\" or \"lower\"."))
+
+    def bisect(context: str) -> str:  # reads the environment's answers so far
+        lo, hi = 0, 99
+        turns = context.split("<|im_start|>assistant\n")[1:]
+        for turn in turns[:-1]:
+            guess, reply = int(turn.split("<|im_end|>")[0]), turn.split("<|im_start|>user\n")[1].split("<|im_end|>")[0]
+            lo, hi = (guess + 1, hi) if reply == "higher" else (lo, guess - 1)
+        return f"{(lo + hi) // 2}<|im_end|>"
+
+    rows = [PromptExample(ids("x"), "x", "x", {"answer": "37"}, "rows.jsonl:1"),
+            PromptExample(ids("x"), "x", "x", {"answer": "49"}, "rows.jsonl:2")]
+    batch, gens = runner(load_env(f"{path}:GuessEnv"), max_turns=8).run(
+        ScriptedEngines(bisect), rows, SamplingSpec(n=1, max_tokens=4), 0)
+    # 37: guesses 49, 24, 36, 42, 39, 37 (6 tries); 49: the first guess
+    assert gens.trajectories.counts["turns"].tolist() == [6.0, 1.0]
+    assert batch.env_rewards.tolist() == pytest.approx([1 / 6, 1.0])
+    assert batch.row_fields["trajectory"][0][:2] == [{"role": "assistant", "content": "49"},
+                                                     {"role": "user", "content": "lower"}]
+
+
+def test_the_readme_tools_answer_calls_and_errors(tmp_path):
+    path = tmp_path / "tools.py"
+    source = readme_file("# tools.py: what the model may call.")
+    path.write_text(source)
+    tools = load_tools([str(path)])
+    assert [t.name for t in tools] == ["calculator", "lookup"]
+    from rlhf_ray.agentic.tools import ToolEnv
+
+    env = ToolEnv(tools, "hermes", timeout_s=2.0)
+    env.reset({"table": {"b": "beta"}})
+    call = '<tool_call>{{"name": "{}", "arguments": {}}}</tool_call>'
+    obs, _, done = env.step(call.format("calculator", '{"expression": "(3 + 4) * 2"}')
+                            + call.format("lookup", '{"key": "b"}')
+                            + call.format("calculator", '{"expression": "__import__(\'os\')"}'))
+    assert [m["content"] for m in obs] == ["14", "beta", "Error: calculator raised ValueError: not arithmetic: "
+                                                         "__import__('os')"]
+    # The 8-GPU example's calculator is this one.
+    from pathlib import Path
+
+    example = (Path(__file__).resolve().parents[2] / "examples/tools/calculator.py").read_text()
+    assert source[source.index("def calculator"):source.index("def lookup")].strip() in example
+
+
+def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
+    """GAE walks over the sampled tokens only (the observation between turns is part of the environment's
+    transition), and online DPO's labels hold the sampled tokens only."""
+    from rlhf_ray.algos.advantages import AdvantageParams, gae
+    from rlhf_ray.algos.kl import kl_in_reward
+    from rlhf_ray.controller.online_dpo import sequence_example
+    from rlhf_ray.data.batching import IGNORE_INDEX
+
+    batch, _ = runner(lookup_env(tmp_path)).run(ScriptedEngines(copy_after_tool), prompts(1),
+                                                SamplingSpec(n=1, max_tokens=4), 0)
+    mask = batch.action_mask
+    a, b, c = mask[0].nonzero().flatten().tolist()  # "k" | observation | "3", EOS
+    assert b > a + 1 and c == b + 1
+    values = 0.01 * torch.arange(mask.shape[1], dtype=torch.float32)[None]
+    rewards = kl_in_reward(torch.tensor([1.0]), torch.zeros_like(mask), mask, 0.0)
+    adv, ret = gae(rewards, mask, batch.group_index, values, AdvantageParams(gamma=1.0, lam=0.5))
+    V = values[0]
+    A_c = 1.0 - V[c]                            # the last token: reward 1, no next value
+    A_b = (V[c] - V[b]) + 0.5 * A_c             # r = 0, next value V_c
+    A_a = (V[b] - V[a]) + 0.5 * A_b             # next value V_b: the observation's positions are skipped
+    assert adv[0, [a, b, c]].tolist() == pytest.approx([float(A_a), float(A_b), float(A_c)], abs=1e-6)
+    assert not adv[mask == 0].any() and not ret[mask == 0].any()
+    example = sequence_example(batch, 0)
+    labelled = [t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
+    assert labelled == [a + 1, b + 1, c + 1]  # input positions of "k", "3", EOS
