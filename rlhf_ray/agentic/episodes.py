@@ -127,7 +127,7 @@ class EpisodeRunner:
 
     def __init__(self, env: EnvSpec, tokenizer: Any, settings: EpisodeSettings):
         self.env, self.tokenizer, self.settings = env, tokenizer, settings
-        self.turns = ChatTurns(tokenizer)
+        self.chat = ChatTurns(tokenizer)
         self.caller = Caller(settings.env_timeout_s)
         self.failures_logged = 0
 
@@ -139,9 +139,18 @@ class EpisodeRunner:
         """``spec.n`` episodes of every prompt on ``rollout`` (a ``RolloutRole``); returns the ``RolloutBatch``
         (group_index = prompt position) and the ``Generations`` with their ``Trajectories``."""
         episodes = [Episode(g * spec.n + s, g, p) for g, p in enumerate(prompts) for s in range(spec.n)]
-        env_s = 0.0
+        engine_s = env_s = 0.0
+        try:
+            env_s += self.reset(episodes, spec.max_tokens)                 # 1. reset
+            engine_s, turns_env_s = self.take_turns(rollout, episodes, spec, pad_id)  # 2. turns
+            env_s += turns_env_s
+        finally:  # 3. end: the environments are closed, also when an error (an engine's, an environment's) stops it
+            env_s += self.close(episodes)
+        return self.collect(prompts, episodes, engine_s, env_s, pad_id)
 
-        # 1. reset
+    def reset(self, episodes: list[Episode], max_tokens: int) -> float:
+        """Build every episode's environment and take its first observation as the first prompt. Returns the seconds
+        spent waiting on the environments."""
         t0 = time.perf_counter()
         made = self.caller.run([self.env.make] * len(episodes), is_async=False)
         for e, out in zip(episodes, made):
@@ -151,22 +160,26 @@ class EpisodeRunner:
                 self.fail(e, out.describe("building it", self.settings.env_timeout_s), "start")
         live = [e for e in episodes if not e.done]
         firsts = self.call(live, "reset", lambda e: partial(e.env.reset, self.row(e.prompt)))
-        env_s += time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
         for e, out in zip(live, firsts):
             if out.ok:
-                self.start(e, out.value, spec.max_tokens)
+                self.start(e, out.value, max_tokens)
             else:
                 self.fail(e, out.describe("reset", self.settings.env_timeout_s), "reset")
         for e in episodes:
             if not e.prompt_ids:  # its environment failed before the first turn: the row's prompt, no response
                 e.prompt_ids = list(e.prompt.prompt_ids)
+        return seconds
 
-        # 2. turns, two waves interleaved
+    def take_turns(self, rollout: Any, episodes: list[Episode], spec: Any, pad_id: int) -> tuple[float, float]:
+        """Every turn of every episode, in ``WAVES`` waves: when a wave's turn comes back, its environments step
+        and its next turn is queued on the engines behind the other wave's. Returns (engine seconds, seconds spent
+        waiting on the environments)."""
         turn_spec = dataclasses.replace(spec, n=1)
         size = -(-len(episodes) // WAVES)
         waves = [episodes[w * size:(w + 1) * size] for w in range(WAVES)]
+        engine_s = env_s = 0.0
         pending = [self.launch(rollout, wave, turn_spec, pad_id) for wave in waves]
-        engine_s = 0.0
         while any(p is not None for p in pending):
             for w, wave in enumerate(waves):
                 if pending[w] is None:
@@ -176,12 +189,7 @@ class EpisodeRunner:
                 engine_s += gens.seconds
                 env_s += self.turn(active, gens, spec.max_tokens)
                 pending[w] = self.launch(rollout, wave, turn_spec, pad_id)
-
-        # 3. end
-        t0 = time.perf_counter()
-        self.close(episodes)
-        env_s += time.perf_counter() - t0
-        return self.collect(prompts, episodes, engine_s, env_s, pad_id)
+        return engine_s, env_s
 
     # ---- pieces of ``run`` -------------------------------------------------------------------------------------
     def row(self, prompt: Any) -> dict:
@@ -211,7 +219,7 @@ class EpisodeRunner:
                 return
         e.tools = getattr(e.env, "tools", None) or None
         e.messages, e.first = msgs, len(msgs)
-        e.prompt_ids = self.turns.prompt_ids(msgs, e.tools)
+        e.prompt_ids = self.chat.prompt_ids(msgs, e.tools)
         limit = self.settings.max_model_len
         if len(e.prompt_ids) + max_tokens > limit:
             raise DataError(f"{e.prompt.location}: the first prompt of sample {e.index} is {len(e.prompt_ids)} tokens "
@@ -258,7 +266,7 @@ class EpisodeRunner:
                 e.done, e.finish = True, "max_turns"
             else:
                 assert observation is not None
-                ids = self.turns.observation_ids(e.messages, e.last_turn, observation, e.tools)
+                ids = self.chat.observation_ids(e.messages, e.last_turn, observation, e.tools)
                 e.messages += observation
                 if len(e.context()) + len(ids) + max_tokens > self.settings.max_model_len:
                     e.done, e.finish = True, "length"  # no room for another turn: the observation is not shown
@@ -286,13 +294,15 @@ class EpisodeRunner:
             self.failures_logged += 1
             log.warning("%s; the trajectory ends with reward 0 (rollout.on_env_error: zero_reward)", message)
 
-    def close(self, episodes: list[Episode]) -> None:
-        """``close()`` on the environments that have one; a failing close is logged, not raised."""
+    def close(self, episodes: list[Episode]) -> float:
+        """``close()`` on the environments that have one; a failing close is logged, not raised. Returns seconds."""
+        t0 = time.perf_counter()
         closable = [e for e in episodes if e.env is not None and callable(getattr(e.env, "close", None))]
         for e, out in zip(closable, self.call(closable, "close", lambda e: e.env.close)):
             if not out.ok:
                 log.warning("%s: %s on sample %d", self.env.name,
                             out.describe("close", self.settings.env_timeout_s), e.index)
+        return time.perf_counter() - t0
 
     def collect(self, prompts: list, episodes: list[Episode], engine_s: float, env_s: float,
                 pad_id: int) -> tuple[Any, Any]:

@@ -25,16 +25,21 @@ def test_a_tiny_model_learns_a_two_turn_tool_task_from_reward_alone(ray_cluster,
     A policy that calls the tool and then guesses a bit is capped at 0.75 (the bits are equally frequent), so a
     mean above 0.9 over the last 10 steps needs the answer taken from the tool's result in >= 80% of episodes.
     The same run is the multi-turn check of the learner-vs-vLLM log-prob gap (< 1e-3 after every sync) on
-    trajectories with an observation in the middle (loss mask 0)."""
+    trajectories with an observation in the middle (loss mask 0), and of the held-out evaluation running episodes
+    too (greedy, every 30 steps and before the first)."""
     from rlhf_ray.jobs import rl
 
     monkeypatch.chdir(REPO)  # the example names its tool and reward files relative to the repo
     out = tmp_path / "agentic"
     cfg = load_config(REPO / "examples" / "agentic_tiny_cpu.yaml", values={
         "model.path": tiny_model_dir, "train.output_dir": str(out), "algo.total_steps": LEARNING_STEPS,
-        "logging.progress_bar": False})
+        "data.eval_fraction": 0.05, "train.eval_every": 30, "logging.progress_bar": False})
     rl.run(cfg)
-    rows = read_metrics(out / "metrics.jsonl")
+    every = read_metrics(out / "metrics.jsonl")
+    rows = [r for r in every if "rollout/reward_mean" in r]
+    evals = [r for r in every if "eval/reward_mean" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[0]["eval/reward_mean"] < 0.1 and evals[-1]["eval/reward_mean"] > 0.9, evals
     rewards = [r["rollout/reward_mean"] for r in rows]
     assert len(rewards) == LEARNING_STEPS
     first, last = sum(rewards[:5]) / 5, sum(rewards[-10:]) / 10

@@ -449,3 +449,30 @@ def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
     example = sequence_example(batch, 0)
     labelled = [t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
     assert labelled == [a + 1, b + 1, c + 1]  # input positions of "k", "3", EOS
+
+
+def test_environments_are_closed_at_the_end_and_when_an_error_stops_the_episodes(tmp_path):
+    path = tmp_path / "closing.py"
+    path.write_text(textwrap.dedent('''
+        class Env:
+            closed = []
+
+            def reset(self, row):
+                self.row = row
+                return "go"
+
+            def step(self, response):
+                if response == "x":
+                    raise ValueError("no x")
+                return None, 1.0, True
+
+            def close(self):
+                Env.closed.append(self.row["secret"])
+    '''))
+    env = load_env(str(path))
+    runner(env).run(ScriptedEngines(lambda ctx: "ok"), prompts(2), SamplingSpec(n=2, max_tokens=2), 0)
+    assert sorted(env.cls.closed) == ["3", "3", "4", "4"]
+    env.cls.closed.clear()
+    with pytest.raises(EnvError, match="step raised ValueError: no x"):
+        runner(env).run(ScriptedEngines(lambda ctx: "x"), prompts(2), SamplingSpec(n=1, max_tokens=2), 0)
+    assert sorted(env.cls.closed) == ["3", "4"]
