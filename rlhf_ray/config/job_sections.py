@@ -227,7 +227,8 @@ class RewardConfig:
     """Where rewards come from: functions (file, built-in, HTTP) and/or a trained reward model."""
 
     functions: list[str] = field(default_factory=list)
-    """Each one of: `builtin:math`, `builtin:format_think`, `path/file.py[:fn]`, `http(s)://host/score`."""
+    """Each one of: `builtin:math`, `builtin:format_think`, `builtin:python_sandbox` (the response's code runs the
+    row's `tests` in a sandbox), `path/file.py[:fn]`, `http(s)://host/score`."""
     weights: list[float] = field(default_factory=list)
     """One weight per function (default 1 each); the reward model, if any, has weight 1."""
     model: Optional[str] = None

@@ -4,6 +4,7 @@ A config names each source with one spec string (``reward.functions``)::
 
     builtin:math                      final-answer match against the row's ``answer`` (math_verify.py)
     builtin:format_think              ``<think>...</think>`` then an answer
+    builtin:python_sandbox            the response's code passes the row's ``tests`` in a sandbox (code_exec.py)
     path/to/file.py[:func]            a user function ``func(prompts, responses, **row_fields)``
     http://host:8000/score            a remote reward (protocol in http.py; server.py hosts one)
 
@@ -15,12 +16,20 @@ Import-light on purpose (standard library only): no torch, no ray.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 from rlhf_ray.rewards.base import (CombinedReward, FunctionReward, RewardError, RewardSource, RowFields,
                                    checked_scores)
-from rlhf_ray.rewards.math_verify import BUILTIN_REWARDS, extract_answer, math_reward
+from rlhf_ray.rewards.code_exec import python_sandbox_reward
+from rlhf_ray.rewards.math_verify import extract_answer, format_think_reward, math_reward
 from rlhf_ray.rewards.python_file import load_reward_fn
+
+BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
+    "math": math_reward,
+    "format_think": format_think_reward,
+    "python_sandbox": python_sandbox_reward,
+}
+"""Reward functions named in config as ``builtin:<key>``."""
 
 BUILTIN_PREFIX = "builtin:"
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 # A number as people write it: optional sign, thousands commas only in groups of three (so "1, 2"
 # is two numbers), optional decimals, optional "/denominator".
@@ -143,10 +143,3 @@ def format_think_reward(prompts: list[str], responses: list[str], **_: Any) -> l
         ok = m is not None and m.group(1).strip() and "<think>" not in m.group(2) and "</think>" not in m.group(2)
         out.append(1.0 if ok else 0.0)
     return out
-
-
-BUILTIN_REWARDS: dict[str, Callable[..., list[float]]] = {
-    "math": math_reward,
-    "format_think": format_think_reward,
-}
-"""Reward functions named in config as ``builtin:<key>``."""

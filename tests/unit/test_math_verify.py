@@ -2,8 +2,9 @@
 
 import pytest
 
-from rlhf_ray.rewards.math_verify import (BUILTIN_REWARDS, answers_match, extract_answer, format_think_reward,
-                                          math_reward, normalize_answer)
+from rlhf_ray.rewards import BUILTIN_REWARDS
+from rlhf_ray.rewards.math_verify import (answers_match, extract_answer, format_think_reward, math_reward,
+                                          normalize_answer)
 
 
 @pytest.mark.parametrize("text, expected", [
