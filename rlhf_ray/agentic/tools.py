@@ -1,7 +1,8 @@
 """The built-in tool environment (``rollout.tools``): Python functions the model calls during its turns.
 
 Tools are plain (or ``async``) Python functions named like reward functions, ``path.py:fn`` (``path.py`` alone: every
-public function defined there). Each needs type hints and a Google-style docstring: its JSON schema
+public function defined there), or built in: ``builtin:python_sandbox`` runs the model's Python program in the
+sandbox (``rlhf_ray.agentic.sandbox``; refused at load where the sandbox cannot be made). Each needs type hints and a Google-style docstring: its JSON schema
 (``transformers.utils.get_json_schema``) is passed to the chat template as ``tools=``, which shows the model what it
 may call. A parameter named ``row`` is filled with the sample's data row (every field) and left out of the schema,
 so a tool can read what the model must not see (a hidden answer, a database id).
@@ -36,6 +37,13 @@ from typing import Any, Callable, Optional, Union
 
 from rlhf_ray.agentic.env import EnvSpec, Message
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TOOLS: dict[str, tuple[str, str, Optional[str]]] = {
+    "python_sandbox": ("rlhf_ray.agentic.sandbox", "python_sandbox", "default_interpreter"),
+}
+"""Tools a config names ``builtin:<name>``: (module, function, a function of that module that raises when the tool
+cannot run on this machine, checked at load). ``python_sandbox`` runs the model's Python program in the sandbox of
+``rlhf_ray.agentic.sandbox`` and returns what it printed."""
 ROW_PARAMETER = "row"
 """A tool parameter of this name gets the data row and is hidden from the model."""
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -63,6 +71,12 @@ def load_tools(specs: list[str]) -> list[Tool]:
 
     tools: dict[str, Tool] = {}
     for spec in specs:
+        if spec.strip().startswith(BUILTIN_PREFIX):
+            tool = _builtin(spec.strip()[len(BUILTIN_PREFIX):])
+            if tool.name in tools:
+                raise ValueError(f"rollout.tools: two tools are named {tool.name!r}")
+            tools[tool.name] = tool
+            continue
         path, name = parse_spec(spec.strip(), "")
         module = import_user_file(path, "tool file")
         abspath = os.path.abspath(path)
@@ -80,6 +94,24 @@ def load_tools(specs: list[str]) -> list[Tool]:
                                  f"{tool.source}); the model calls tools by name")
             tools[fn_name] = tool
     return list(tools.values())
+
+
+def _builtin(name: str) -> Tool:
+    """The built-in tool ``name`` (``BUILTIN_TOOLS``), checked to run here."""
+    import importlib
+
+    if name not in BUILTIN_TOOLS:
+        raise ValueError(f"unknown built-in tool {BUILTIN_PREFIX}{name}; built-ins: "
+                         f"{', '.join(BUILTIN_PREFIX + n for n in BUILTIN_TOOLS)}")
+    module_name, fn_name, check = BUILTIN_TOOLS[name]
+    module = importlib.import_module(module_name)
+    if check is not None:
+        try:
+            getattr(module, check)()
+        except Exception as exc:  # noqa: BLE001 - the tool's own reason it cannot run (e.g. SandboxUnavailable)
+            raise ValueError(f"built-in tool {BUILTIN_PREFIX}{name} cannot run on this machine: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return _tool(getattr(module, fn_name), fn_name, f"built-in tool {BUILTIN_PREFIX}{name}")
 
 
 def _tool(fn: Callable[..., Any], name: str, source: str) -> Tool:

@@ -58,7 +58,8 @@ class RolloutConfig:
     ``reward.functions`` / ``reward.model``). Needs ``rollout.mode: sync``."""
     tools: list[str] = field(default_factory=list)
     """Multi-turn rollouts with the built-in tool environment: Python functions the model may call, each
-    ``path.py:fn`` (``path.py`` alone: every public function defined there). Each needs type hints and a docstring
+    ``path.py:fn`` (``path.py`` alone: every public function defined there), or ``builtin:python_sandbox`` (the model's
+    Python program run in ``rlhf_ray.agentic.sandbox``). Each needs type hints and a docstring
     (its JSON schema goes to the chat template's ``tools=``); a parameter named ``row`` gets the data row and is
     hidden from the model. A turn without a tool call ends the trajectory; ``reward.functions`` score it."""
     max_turns: int = 4

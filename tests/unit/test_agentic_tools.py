@@ -171,3 +171,16 @@ def test_the_tool_environment_answers_calls_until_a_turn_makes_none(tools):
     assert obs[0]["content"].startswith("Error: tool add takes 2 parameters") and not done
     assert env.step("It is v.") == (None, 0.0, True)
     assert (env.tool_calls, env.tool_errors) == (2, 1)
+
+
+def test_the_python_sandbox_is_a_built_in_tool():
+    """`rollout.tools: [builtin:python_sandbox]`: the sandbox's model-facing tool, checked to run here at load."""
+    (tool,) = load_tools(["builtin:python_sandbox"])
+    assert tool.name == "python_sandbox" and tool.params == ("code",) and not tool.takes_row
+    assert tool.source == "built-in tool builtin:python_sandbox"
+    env = ToolEnv([tool], "hermes", timeout_s=20.0)
+    env.reset({})
+    obs, _, done = env.step('<tool_call>{"name": "python_sandbox", "arguments": {"code": "print(6 * 7)"}}</tool_call>')
+    assert obs == [{"role": "tool", "name": "python_sandbox", "content": "42\n"}] and not done
+    with pytest.raises(ValueError, match="unknown built-in tool builtin:shell; built-ins: builtin:python_sandbox"):
+        load_tools(["builtin:shell"])
