@@ -179,12 +179,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # data, reward and placement errors are user errors too: one clear line
+        from rlhf_ray.agentic.env import EnvError
         from rlhf_ray.controller.placement import PlacementError
         from rlhf_ray.data.errors import DataError
         from rlhf_ray.report.run_data import ReportError
         from rlhf_ray.rewards import RewardError
 
-        for kind, label in ((DataError, "data error"), (RewardError, "reward error"),
+        for kind, label in ((DataError, "data error"), (RewardError, "reward error"), (EnvError, "environment error"),
                             (PlacementError, "placement error"), (ReportError, "report error")):
             if isinstance(exc, kind):
                 print(f"{label}: {exc}", file=sys.stderr)

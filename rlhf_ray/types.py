@@ -29,7 +29,9 @@ class RolloutBatch:
     ref_logprobs: Optional[torch.Tensor] = None  # (B, T-1) reference model's
     # value / reward / advantage
     values: Optional[torch.Tensor] = None      # (B, T-1) critic
-    rewards: Optional[torch.Tensor] = None     # (B,) sequence reward (functions + reward model)
+    rewards: Optional[torch.Tensor] = None     # (B,) sequence reward (functions + reward model + environment)
+    env_rewards: Optional[torch.Tensor] = None  # (B,) multi-turn: the sum of the environment's step rewards
+    env_failed: Optional[torch.Tensor] = None  # (B,) bool, multi-turn: the environment failed (reward forced to 0)
     token_rewards: Optional[torch.Tensor] = None  # (B, T-1) with KL-in-reward applied
     advantages: Optional[torch.Tensor] = None  # (B, T-1)
     returns: Optional[torch.Tensor] = None     # (B, T-1)
@@ -42,11 +44,14 @@ class RolloutBatch:
 
     @staticmethod
     def from_generations(prompt_ids: list[list[int]], response_ids: list, response_logprobs: list,
-                         group_index: list[int], pad_id: int) -> "RolloutBatch":
+                         group_index: list[int], pad_id: int,
+                         sampled_masks: Optional[list] = None) -> "RolloutBatch":
         """Right-padded sequences ``prompt + response`` with masks and rollout log-probs aligned to (B, T-1).
 
         Row b's response token k sits at ``input_ids[b, P_b + k]``; it is predicted at position
-        ``P_b + k - 1``, where ``action_mask`` is 1 and ``rollout_logprobs`` holds its log-prob.
+        ``P_b + k - 1``, where ``action_mask`` is 1 and ``rollout_logprobs`` holds its log-prob. A multi-turn
+        response holds observation tokens too: ``sampled_masks[b][k]`` (1 sampled, 0 environment) is then
+        its ``action_mask`` entry instead of 1.
         """
         B = len(prompt_ids)
         lengths = [len(p) + len(r) for p, r in zip(prompt_ids, response_ids)]
@@ -60,7 +65,8 @@ class RolloutBatch:
             input_ids[b, :P] = torch.tensor(p, dtype=torch.long)
             if R:  # torch.tensor copies: vLLM's arrays arrive read-only through Ray's object store
                 input_ids[b, P:P + R] = torch.tensor(r, dtype=torch.long)
-                action_mask[b, P - 1:P - 1 + R] = 1.0
+                action_mask[b, P - 1:P - 1 + R] = (1.0 if sampled_masks is None
+                                                   else torch.tensor(sampled_masks[b], dtype=torch.float32))
                 logprobs[b, P - 1:P - 1 + R] = torch.tensor(lp, dtype=torch.float32)
             attention_mask[b, :P + R] = 1
         return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask,

@@ -60,6 +60,47 @@ class RolloutConfig:
     """async: at a weight sync, interrupt the samples in flight and continue them under the new weights (each
     token keeps the version that sampled it; a sample's age is its oldest token's). Off: the engines finish the
     samples they have before taking the new weights, and start no new ones meanwhile."""
+    env: Optional[str] = None
+    """Multi-turn rollouts (``rlhf_ray.agentic``): an environment class in a Python file, ``path/env.py:Class``
+    (``path/env.py`` alone: the class ``Env``). Each sample gets its own instance: ``reset(row)`` gives the first
+    observation (messages or text; None: the row's prompt), ``step(response)`` -> (observation, reward, done) after
+    each model turn; either may be ``async def``. Its rewards add up to the sample's reward (plus any
+    ``reward.functions`` / ``reward.model``). Needs ``rollout.mode: sync``."""
+    tools: list[str] = field(default_factory=list)
+    """Multi-turn rollouts with the built-in tool environment: Python functions the model may call, each
+    ``path.py:fn`` (``path.py`` alone: every public function defined there), or ``builtin:python_sandbox`` (the model's
+    Python program run in ``rlhf_ray.agentic.sandbox``). Each needs type hints and a docstring
+    (its JSON schema goes to the chat template's ``tools=``); a parameter named ``row`` gets the data row and is
+    hidden from the model. A turn without a tool call ends the trajectory; ``reward.functions`` score it."""
+    max_turns: int = 4
+    """Model turns per trajectory at most (``env`` / ``tools``); ``max_new_tokens`` bounds each turn."""
+    max_observation_tokens: int = 256
+    """Room each observation gets in the default ``max_model_len`` of a multi-turn run (data.max_prompt_length +
+    max_turns x max_new_tokens + (max_turns - 1) x this). A trajectory whose next turn would not fit in
+    ``max_model_len`` ends there (finish reason ``length``)."""
+    env_timeout_s: float = 60.0
+    """Seconds an environment's ``reset`` or ``step`` may take before it counts as hung."""
+    on_env_error: Literal["raise", "zero_reward"] = "raise"
+    """An environment that raises, hangs or returns a bad value: raise stops the run with an error naming the
+    environment, the sample and the turn; zero_reward ends that trajectory with reward 0 and counts it
+    (``env/failed``)."""
+    tool_timeout_s: float = 30.0
+    """Seconds one tool call may take; a slower call is abandoned and the model gets an error message instead."""
+    tool_call_format: Literal["auto", "hermes", "fallback"] = "auto"
+    """How tool calls are written (``rlhf_ray.agentic.tools``). hermes: ``<tool_call>{"name": ..., "arguments":
+    {...}}</tool_call>`` (Qwen, Hermes); fallback: a first line ``name`` or ``name <arguments>``; auto: hermes when
+    the chat template mentions ``<tool_call>``, else fallback."""
+
+    @property
+    def multi_turn(self) -> bool:
+        """Whether rollouts are multi-turn episodes (``env`` or ``tools`` set)."""
+        return self.env is not None or bool(self.tools)
+
+    @property
+    def response_budget(self) -> int:
+        """The most tokens a sample's model turns hold together: max_new_tokens per turn, max_turns turns."""
+        return self.max_new_tokens * (self.max_turns if self.multi_turn else 1)
+
     def __post_init__(self) -> None:
         _check(self.num_engines >= 1, "num_engines", "must be >= 1")
         _check(self.tensor_parallel_size >= 1, "tensor_parallel_size", "must be >= 1")
@@ -70,6 +111,14 @@ class RolloutConfig:
         _check(0 < self.gpu_memory_utilization <= 1, "gpu_memory_utilization", "must be in (0, 1]")
         _check(self.weight_sync_bucket_mb >= 1, "weight_sync_bucket_mb", "must be >= 1")
         _check(self.max_staleness >= 0, "max_staleness", "must be >= 0")
+        _check(self.max_turns >= 1, "max_turns", f"must be >= 1, got {self.max_turns}")
+        _check(self.max_observation_tokens >= 1, "max_observation_tokens", "must be >= 1")
+        _check(self.env_timeout_s > 0, "env_timeout_s", f"must be > 0, got {self.env_timeout_s}")
+        _check(0 < self.tool_timeout_s < self.env_timeout_s, "tool_timeout_s",
+               f"must be > 0 and below rollout.env_timeout_s={self.env_timeout_s} (a turn's tool calls run inside "
+               f"the tool environment's step), got {self.tool_timeout_s}")
+        _check(self.env is None or not self.tools, "env",
+               "set rollout.env or rollout.tools, not both (the tools run in the built-in tool environment)")
 
 
 @dataclass

@@ -48,6 +48,7 @@ def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolve
     accel: Accelerator = "cuda" if on_cuda else "cpu"
     _check_qlora(cfg)
     _check_rollout_mode(cfg)
+    _check_multi_turn(cfg)
     paths = _paths(cfg)
     if cfg.job in RL_JOBS:
         batch, rl = _rollout_job_shape(cfg)
@@ -93,9 +94,9 @@ def _paths(cfg: "Config") -> Paths:
 def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]:
     """Batch shape of a rollout job, checked, and (ppo / grpo) its RL settings."""
     a, r, lc = cfg.algo, cfg.rollout, cfg.learner
-    if not cfg.reward.functions and not cfg.reward.model:
-        raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]) "
-                          "and/or reward.model")
+    if not cfg.reward.functions and not cfg.reward.model and r.env is None:
+        raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]), "
+                          "reward.model, or an environment's rewards (rollout.env)")
     per_pass = lc.micro_batch_size * lc.num_workers
     if cfg.job == "eval":  # samples once over its prompts; no learner, so no batch split to check
         return BatchShape(per_step=a.prompts_per_step * r.n_samples, per_update=per_pass, updates_per_step=0), None
@@ -298,7 +299,7 @@ def _roles(cfg: "Config", paths: Paths, batch: BatchShape, reference: Optional[s
     roles.append(RolloutRoleSpec(
         model_path=paths.model, tokenizer_path=paths.tokenizer, trust_remote_code=cfg.model.trust_remote_code,
         rollout=ro, dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=cfg.placement.mode == "hybrid",
-        max_model_len=ro.max_model_len or cfg.data.max_prompt_length + ro.max_new_tokens, gpus=engine_gpus,
+        max_model_len=ro.max_model_len or _default_max_model_len(cfg), gpus=engine_gpus,
         cpus=ro.cpus_per_engine, seed=tc.seed if ro.seed is None else ro.seed))
     return tuple(roles)
 
@@ -363,6 +364,41 @@ def _check_rollout_mode(cfg: "Config") -> None:
             raise ConfigError(f"rollout.mode: {r.mode} generates while the learners train, which needs the engines "
                               "on their own devices; hybrid placement time-shares one GPU (use placement.mode "
                               "separate or shared, or rollout.mode sync)")
+
+
+def _default_max_model_len(cfg: "Config") -> int:
+    """The engines' context when ``rollout.max_model_len`` is unset: a prompt and a response, or (multi-turn) a
+    prompt, ``max_turns`` responses and an observation between each two."""
+    r = cfg.rollout
+    if not r.multi_turn:
+        return cfg.data.max_prompt_length + r.max_new_tokens
+    return cfg.data.max_prompt_length + r.response_budget + (r.max_turns - 1) * r.max_observation_tokens
+
+
+MULTI_TURN_JOBS = ("ppo", "grpo", "online_dpo")
+"""The jobs whose rollouts may be multi-turn episodes (``rollout.env`` / ``rollout.tools``)."""
+
+
+def _check_multi_turn(cfg: "Config") -> None:
+    """Multi-turn episodes (``rlhf_ray.agentic``): a training job that samples with sync rollouts, observations
+    rendered as chat turns, and a reward for the tool environment (which gives none itself)."""
+    r = cfg.rollout
+    if not r.multi_turn:
+        return
+    key = "rollout.env" if r.env is not None else "rollout.tools"
+    if cfg.job not in MULTI_TURN_JOBS:
+        raise ConfigError(f"{key}: job {cfg.job} does not run multi-turn episodes yet; jobs "
+                          f"{', '.join(MULTI_TURN_JOBS)} do")
+    if r.mode != "sync":
+        raise ConfigError(f"{key}: multi-turn episodes run with rollout.mode sync for now, got rollout.mode "
+                          f"{r.mode}; set rollout.mode=sync (or drop {key})")
+    if not cfg.data.apply_chat_template:
+        raise ConfigError(f"{key}: observations are appended as chat turns in the chat template's markup; set "
+                          "data.apply_chat_template=true (the tokenizer needs a chat template)")
+    if r.tools and not cfg.reward.functions and not cfg.reward.model:
+        raise ConfigError("reward.functions: the tool environment (rollout.tools) gives no reward of its own; "
+                          "name a reward function (it gets the last turn as the response and the whole episode as "
+                          "the row field 'trajectory') or a reward.model")
 
 
 def _check_overlong(cfg: "Config") -> None:

@@ -146,7 +146,8 @@ class RolloutRoleSpec:
     rollout: RolloutConfig
     dtype: str
     max_model_len: int
-    """``rollout.max_model_len``, or data.max_prompt_length + rollout.max_new_tokens."""
+    """``rollout.max_model_len``, or data.max_prompt_length + rollout.max_new_tokens (multi-turn: room for
+    ``max_turns`` responses and the observations between them, ``resolve._default_max_model_len``)."""
     sleep_mode: bool
     """vLLM's sleep mode is enabled (hybrid placement; used on GPU only)."""
     gpus: float

@@ -1,8 +1,10 @@
 """Sequence rewards for a rollout batch: reward functions (file, built-in, HTTP) plus a reward-model group.
 
-reward_b = sum_k w_k * f_k(prompt_b, response_b, row_b) + RM(prompt_b + response_b) [+ overlong_b]
+reward_b = sum_k w_k * f_k(prompt_b, response_b, row_b) + RM(prompt_b + response_b) [+ overlong_b] [+ env_b]
 
-overlong_b is DAPO's soft overlong punishment (``reward.overlong_penalty``), added in the training jobs only.
+overlong_b is DAPO's soft overlong punishment (``reward.overlong_penalty``), added in the training jobs only;
+env_b the sum of a multi-turn episode's step rewards (``rollout.env``). A sample whose environment failed under
+``rollout.on_env_error: zero_reward`` gets reward 0.
 
 Each function runs through ``checked_scores`` (timeout; raises, wrong length, NaN -> ``RewardError``
 naming the function and the sample). The reward model's forward runs on its group while the functions
@@ -78,14 +80,14 @@ class RewardScorer:
     None to leave the rewards unshaped."""
 
     def __init__(self, cfg: RewardConfig, data: DataConfig, reward_model: Any = None, policy_tokenizer=None,
-                 rm_tokenizer=None, overlong_max_len: Optional[int] = None):
+                 rm_tokenizer=None, overlong_max_len: Optional[int] = None, env_rewards: bool = False):
         self.cfg, self.data = cfg, data
         self.overlong_max_len = overlong_max_len
         self.functions = build_function_reward(cfg)
         self.reward_model = reward_model
         self.rm_tokenizer = rm_tokenizer
         self.retokenize = rm_tokenizer is not None and not _same_vocab(policy_tokenizer, rm_tokenizer)
-        if self.functions is None and reward_model is None:
+        if self.functions is None and reward_model is None and not env_rewards:
             from rlhf_ray.config import ConfigError
 
             raise ConfigError("reward: name at least one reward (reward.functions or reward.model)")
@@ -104,7 +106,8 @@ class RewardScorer:
         cfg = resolved.config
         shaped = cfg.job in POLICY_JOBS and cfg.reward.overlong_penalty > 0
         return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok,
-                   overlong_max_len=cfg.rollout.max_new_tokens if shaped else None)
+                   overlong_max_len=cfg.rollout.response_budget if shaped else None,
+                   env_rewards=cfg.rollout.env is not None)
 
     def start(self, batch: RolloutBatch, prompts: list[Any]):
         """Start the reward model's forward (if any); returns a handle for ``finish``."""
@@ -149,6 +152,11 @@ class RewardScorer:
                                        self.cfg.overlong_penalty)
             total += shaping
             parts["reward/overlong_penalty_mean"] = shaping
+        if batch.env_rewards is not None:
+            total += batch.env_rewards
+            parts["reward/env_mean"] = batch.env_rewards
+        if batch.env_failed is not None:
+            total = torch.where(batch.env_failed, torch.zeros_like(total), total)
         return total, parts, timings
 
     def _rm_batch(self, batch: RolloutBatch, prompts: list[Any]) -> RolloutBatch:
@@ -190,7 +198,8 @@ def attach_prompts(batch: RolloutBatch, prompts: list) -> list:
     """Give ``batch`` its prompt texts and row fields (for reward functions); returns each sequence's prompt."""
     rows = [prompts[g] for g in batch.group_index.tolist()]
     batch.prompts = [p.prompt_text for p in rows]
-    batch.row_fields = {k: [p.fields.get(k) for p in rows] for k in rows[0].fields}
+    # Fields already there are the samples' own (a multi-turn episode's ``trajectory``); they stay.
+    batch.row_fields = {**{k: [p.fields.get(k) for p in rows] for k in rows[0].fields}, **batch.row_fields}
     return rows
 
 

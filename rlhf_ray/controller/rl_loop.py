@@ -92,7 +92,7 @@ class RLLoop(RolloutLoop):
             batch.advantages = masked_whiten(batch.advantages, mask) * mask
 
         # 4. update policy (and critic)
-        seed, horizon = self.cfg.train.seed + step, self.cfg.rollout.max_new_tokens
+        seed, horizon = self.cfg.train.seed + step, self.cfg.rollout.response_budget
         with timer("train"):
             actor_steps = self.policy.update(batch, self.policy_loss.with_kl_coef(kl_coef), a.mini_batches,
                                              a.ppo_epochs, seed, horizon)

@@ -13,7 +13,8 @@ from rlhf_ray.algos.aggregation import masked_mean
 def rollout_metrics(batch: Any, gens: Any, sync: dict[str, float]) -> dict[str, float]:
     """Rollout statistics and the weight sync of one step (every rollout loop)."""
     lengths, rewards = batch.response_lengths, batch.rewards
-    return {
+    episodes = gens.trajectories.metrics() if gens.trajectories is not None else {}  # multi-turn: env/ metrics
+    return {**episodes,
         "rollout/reward_mean": float(rewards.mean()), "rollout/reward_std": float(rewards.std(unbiased=False)),
         "rollout/reward_max": float(rewards.max()), "rollout/reward_min": float(rewards.min()),
         "rollout/response_length_mean": float(lengths.mean()), "rollout/response_length_max": float(lengths.max()),

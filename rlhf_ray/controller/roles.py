@@ -208,12 +208,17 @@ def merge_generations(prompt_ids: list[list[int]], parts: list, outs: list, pad_
 
 
 def batch_of(prompt_ids: list[list[int]], gens: Any, pad_id: int) -> RolloutBatch:
-    """The ``RolloutBatch`` of ``gens`` (samples of ``prompt_ids``, ``gens.prompt_index`` = prompt position)."""
+    """The ``RolloutBatch`` of ``gens`` (samples of ``prompt_ids``, ``gens.prompt_index`` = prompt position).
+    Multi-turn samples start from their own first prompts, with observation tokens outside the action mask."""
     group_index = [int(g) for g in gens.prompt_index]
-    batch = RolloutBatch.from_generations([prompt_ids[g] for g in group_index], gens.token_ids, gens.logprobs,
-                                          group_index, pad_id)
+    multi_turn = gens.trajectories
+    prompts = [prompt_ids[g] for g in group_index] if multi_turn is None else multi_turn.prompt_ids
+    batch = RolloutBatch.from_generations(prompts, gens.token_ids, gens.logprobs, group_index, pad_id,
+                                          None if multi_turn is None else multi_turn.action_masks)
     batch.responses = list(gens.texts)
     batch.finish_reasons = list(gens.finish_reasons)
+    if multi_turn is not None:
+        multi_turn.annotate(batch)
     return batch
 
 

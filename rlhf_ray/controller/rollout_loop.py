@@ -119,6 +119,12 @@ class RolloutLoop(TrainLoop):
         self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
         self.rows: list = []
         """Each sequence's prompt in the step's batch (for ``logging.rollouts``)."""
+        self.episodes = None
+        """Multi-turn episodes (``rollout.env`` / ``rollout.tools``): ``rlhf_ray.agentic.episodes.EpisodeRunner``."""
+        if self.cfg.rollout.multi_turn:
+            from rlhf_ray.agentic.episodes import EpisodeRunner
+
+            self.episodes = EpisodeRunner.from_resolved(resolved, tokenizer)
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -228,6 +234,8 @@ class RolloutLoop(TrainLoop):
 
         def sample() -> tuple[Any, Any]:
             self.roles.rollout.reseed(self.sampling_seed(step, round_))
+            if self.episodes is not None:
+                return self.episodes.run(self.roles.rollout, prompts, self.spec, self.tokenizer.pad_token_id)
             return self.roles.rollout.generate([p.prompt_ids for p in prompts], self.spec,
                                                self.tokenizer.pad_token_id)
 
@@ -474,6 +482,8 @@ class RolloutLoop(TrainLoop):
 
         def sample() -> tuple[Any, Any]:
             self.roles.rollout.reseed(self.eval_seed(step))
+            if self.episodes is not None:
+                return self.episodes.run(self.roles.rollout, prompts, spec, self.tokenizer.pad_token_id)
             return self.roles.rollout.generate([p.prompt_ids for p in prompts], spec, self.tokenizer.pad_token_id)
 
         batch, _ = self.on_engines(sample)

@@ -9,6 +9,9 @@ Every set is a pure function of ``(size, seed)``: the same config always yields 
 - ``demo:arithmetic_rl`` (RL with a verifiable reward): ``prompt`` "What is 3 + 5? Reply with the
   number only.", ``answer`` "8" (and ``response`` "8", so a short SFT on the same set gives RL a warm
   start, as in the usual SFT -> RL pipeline). Single-digit addition: the answer is one or two characters.
+- ``demo:tool_lookup`` (multi-turn RL with a tool): ``prompt`` "Call k, then answer.", ``secret`` and
+  ``answer`` "0" or "1". The tool ``k`` (``examples/tools/lookup.py``) returns the row's secret; the model must call
+  it, then answer with its result.
 - ``demo:preferences`` (reward model / DPO): ``prompt`` and sentences as in ``demo:arithmetic`` but only
   additions of operands 0..2 (``PREFERENCE_MAX_OPERAND``), ``chosen`` the correct response,
   ``rejected`` the same sentence with a wrong result (off by 1 to 3, never negative). The two differ
@@ -97,6 +100,22 @@ def repeat_number(size: int, seed: int) -> list[dict]:
     return rows
 
 
+TOOL_LOOKUP_PROMPT = "Call k, then answer."
+
+
+def tool_lookup(size: int, seed: int) -> list[dict]:
+    """Multi-turn RL rows (``rollout.tools``): a constant prompt, ``secret`` a bit ("0" or "1") only the tool ``k`` of
+    ``examples/tools/lookup.py`` reads (from the row), and ``answer`` the same: the model must call the tool, then
+    answer with what it returned. One bit, so that a policy that looks up and then guesses is capped at 3/4 of the
+    full reward (examples/rewards/tool_use.py), and only copying the result clears that."""
+    rng = _rng("tool_lookup", seed)
+    rows = []
+    for _ in range(size):
+        secret = str(rng.randint(0, 1))
+        rows.append({"prompt": TOOL_LOOKUP_PROMPT, "secret": secret, "answer": secret})
+    return rows
+
+
 def preferences(size: int, seed: int) -> list[dict]:
     """Preference rows: prompt / chosen (correct) / rejected (wrong result) / answer."""
     rng = _rng("preferences", seed)
@@ -125,6 +144,8 @@ DEMO_SETS: dict[str, DemoSet] = {
     "arithmetic": DemoSet("SFT: prompt/response, + and - of operands 0..20", arithmetic),
     "arithmetic_rl": DemoSet("RL: prompt/answer, single-digit addition, answer-only format", arithmetic_rl),
     "repeat_number": DemoSet("RL: prompt/answer, repeat a digit (learnable from scratch by RL)", repeat_number),
+    "tool_lookup": DemoSet("multi-turn RL: call the tool k (reads the row's secret bit), then answer with it",
+                           tool_lookup),
     "preferences": DemoSet("RM/DPO: prompt/chosen/rejected, + of operands 0..2, rejected has a wrong result",
                            preferences),
     "kto": DemoSet("KTO: prompt/completion/label, + of operands 0..2, about 55% correct", kto),

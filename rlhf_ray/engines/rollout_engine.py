@@ -20,6 +20,7 @@ import numpy as np
 from rlhf_ray.config.schema import RolloutConfig
 
 if TYPE_CHECKING:
+    from rlhf_ray.agentic.trajectories import Trajectories
     from rlhf_ray.config.resolve import RolloutRoleSpec
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class Generations:
 
     ``prompt_index[i]`` is the request prompt sample i answers; ``token_ids[i]`` and ``logprobs[i]``
     (same length) are its generated tokens and their log-probs; ``texts[i]`` is the detokenized
-    response (special tokens skipped).
+    response (special tokens skipped). Multi-turn samples (``rlhf_ray.agentic``) hold their whole completion
+    (model turns and observations) in ``token_ids`` / ``logprobs`` (0 on observation tokens), the last turn's text in
+    ``texts``, and the rest in ``trajectories``.
     """
 
     prompt_index: np.ndarray
@@ -67,38 +70,54 @@ class Generations:
     texts: list[str]
     finish_reasons: list[str]
     seconds: float = 0.0
+    trajectories: Optional["Trajectories"] = None
+    """Multi-turn samples: each one's first prompt, mask of sampled tokens, conversation and counts."""
 
     def select(self, samples: list[int]) -> "Generations":
         """The given samples (positions), their prompt indices kept."""
         return Generations(self.prompt_index[samples], [self.token_ids[i] for i in samples],
                            [self.logprobs[i] for i in samples], [self.texts[i] for i in samples],
-                           [self.finish_reasons[i] for i in samples], self.seconds)
+                           [self.finish_reasons[i] for i in samples], self.seconds,
+                           None if self.trajectories is None else self.trajectories.select(samples))
 
     @staticmethod
     def of_groups(groups: list["Generations"], seconds: float) -> "Generations":
         """One ``Generations`` of several prompts' samples: group g's samples answer prompt g."""
+        from rlhf_ray.agentic.trajectories import Trajectories
+
+        multi_turn = [gen.trajectories for gen in groups if gen.trajectories is not None]
         return Generations(np.asarray([g for g, gen in enumerate(groups) for _ in gen.texts], dtype=np.int64),
                            [t for gen in groups for t in gen.token_ids], [lp for gen in groups for lp in gen.logprobs],
                            [x for gen in groups for x in gen.texts], [r for gen in groups for r in gen.finish_reasons],
-                           seconds)
+                           seconds, Trajectories.concat(multi_turn) if multi_turn else None)
 
     def to_state(self) -> dict[str, Any]:
         """As tensors, strings and numbers (what ``torch.load(weights_only=True)`` reads back)."""
         import torch
 
-        return {"prompt_index": torch.as_tensor(self.prompt_index), "texts": list(self.texts),
-                "token_ids": [torch.tensor(t) for t in self.token_ids],
-                "logprobs": [torch.tensor(lp) for lp in self.logprobs],
-                "finish_reasons": list(self.finish_reasons), "seconds": float(self.seconds)}
+        state = {"prompt_index": torch.as_tensor(self.prompt_index), "texts": list(self.texts),
+                 "token_ids": [torch.tensor(t) for t in self.token_ids],
+                 "logprobs": [torch.tensor(lp) for lp in self.logprobs],
+                 "finish_reasons": list(self.finish_reasons), "seconds": float(self.seconds)}
+        if self.trajectories is not None:
+            state["trajectories"] = self.trajectories.to_state()
+        return state
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> "Generations":
+        from rlhf_ray.agentic.trajectories import Trajectories
+
+        multi_turn = state.get("trajectories")
         return Generations(state["prompt_index"].numpy(), [t.numpy() for t in state["token_ids"]],
                            [lp.numpy() for lp in state["logprobs"]], list(state["texts"]),
-                           list(state["finish_reasons"]), float(state["seconds"]))
+                           list(state["finish_reasons"]), float(state["seconds"]),
+                           None if multi_turn is None else Trajectories.from_state(multi_turn))
 
     @property
     def num_tokens(self) -> int:
+        """Tokens the engines sampled (a multi-turn completion's observation tokens not counted)."""
+        if self.trajectories is not None:
+            return self.trajectories.sampled_tokens
         return int(sum(len(t) for t in self.token_ids))
 
 

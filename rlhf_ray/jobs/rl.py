@@ -16,13 +16,20 @@ log = logging.getLogger(__name__)
 
 
 def prepare_data(cfg: Config, tokenizer) -> tuple[Any, Any, dict]:
-    """Training and evaluation prompts (token ids + row fields for the rewards), and the reward functions
-    loaded once, so that bad data or a bad reward spec fails before any GPU is reserved."""
+    """Training and evaluation prompts (token ids + row fields for the rewards), and the reward functions (and a
+    multi-turn run's environment or tools) loaded once, so that bad data or a bad spec fails before any GPU is
+    reserved."""
     from rlhf_ray.controller.reward_scoring import build_function_reward
     from rlhf_ray.data.prompts import tokenize_prompts
     from rlhf_ray.data.sources import load_rows, split_eval
 
     build_function_reward(cfg.reward)
+    if cfg.rollout.multi_turn:
+        from rlhf_ray.agentic.episodes import build_env
+        from rlhf_ray.agentic.turns import ChatTurns
+
+        build_env(cfg.rollout, tokenizer)
+        ChatTurns(tokenizer)  # a tokenizer without a usable chat template fails here
 
     rows = load_rows(cfg.data)
     train_rows, eval_rows = split_eval(rows, cfg.data, seed=cfg.train.seed)

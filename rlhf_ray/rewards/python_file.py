@@ -23,13 +23,13 @@ DEFAULT_FUNCTION = "reward_fn"
 """The function looked up when the spec names none."""
 
 
-def parse_spec(spec: str) -> tuple[str, str]:
-    """``"a/b.py:fn"`` -> ``("a/b.py", "fn")``; ``"a/b.py"`` -> ``("a/b.py", "reward_fn")``."""
+def parse_spec(spec: str, default: str = DEFAULT_FUNCTION) -> tuple[str, str]:
+    """``"a/b.py:fn"`` -> ``("a/b.py", "fn")``; ``"a/b.py"`` -> ``("a/b.py", default)``."""
     path, sep, func = spec.rpartition(":")
     # Only split when what follows the last colon is a Python name, so "C:\\r.py" stays one path.
     if sep and path and func.isidentifier():
         return path, func
-    return spec, DEFAULT_FUNCTION
+    return spec, default
 
 
 class FileReward(FunctionReward):
@@ -64,12 +64,19 @@ def load_reward_fn(spec: str) -> FileReward:
     return FileReward(path, func_name)
 
 
-def _load_function(path: str, func_name: str) -> Callable[..., Any]:
+def import_user_file(path: str, kind: str = "reward file") -> ModuleType:
+    """The Python file ``path`` executed as a fresh module; ValueError starting with ``kind`` (``reward file``,
+    ``environment file``, ``tool file``) when it does not exist or fails to import (the exception and line shown)."""
     abspath = os.path.abspath(path)
     if not os.path.isfile(abspath):
-        raise ValueError(f"reward file not found: {abspath!r} (from {path!r}; relative paths resolve "
+        raise ValueError(f"{kind} not found: {abspath!r} (from {path!r}; relative paths resolve "
                          f"against the current directory {os.getcwd()!r})")
-    module = _import_file(abspath)
+    return _import_file(abspath, kind)
+
+
+def _load_function(path: str, func_name: str) -> Callable[..., Any]:
+    abspath = os.path.abspath(path)
+    module = import_user_file(path)
     if not hasattr(module, func_name):
         defined = sorted(n for n, v in vars(module).items()
                          if callable(v) and not n.startswith("_") and getattr(v, "__module__", None) == module.__name__)
@@ -89,13 +96,13 @@ def _load_function(path: str, func_name: str) -> Callable[..., Any]:
     return fn
 
 
-def _import_file(abspath: str) -> ModuleType:
+def _import_file(abspath: str, kind: str = "reward file") -> ModuleType:
     # A unique module name per path, so two reward files both named "reward.py" do not collide.
     digest = hashlib.sha1(abspath.encode()).hexdigest()[:10]
-    name = f"rlhf_ray_user_reward_{os.path.splitext(os.path.basename(abspath))[0]}_{digest}"
+    name = f"rlhf_ray_user_{kind.split()[0]}_{os.path.splitext(os.path.basename(abspath))[0]}_{digest}"
     spec = importlib.util.spec_from_file_location(name, abspath)
     if spec is None or spec.loader is None:
-        raise ValueError(f"reward file {abspath} cannot be imported as Python (expected a .py file)")
+        raise ValueError(f"{kind} {abspath} cannot be imported as Python (expected a .py file)")
     module = importlib.util.module_from_spec(spec)
     # Registered before executing: dataclasses and pickling inside the file look the module up here.
     sys.modules[name] = module
@@ -107,7 +114,7 @@ def _import_file(abspath: str) -> ModuleType:
     except Exception as exc:
         sys.modules.pop(name, None)
         line = _line_in(exc, abspath)
-        raise ValueError(f"reward file {abspath} failed to import: {type(exc).__name__}: {exc}{line}") from exc
+        raise ValueError(f"{kind} {abspath} failed to import: {type(exc).__name__}: {exc}{line}") from exc
     finally:
         try:
             sys.path.remove(folder)
