@@ -52,6 +52,13 @@ lm_head row of "a" moves its logit by up to ~100 lr; the largest log-boost to le
 (~0.3 nats a step) that takes ~15 steps, inside the first quarter of the cosine schedule (lr > 0.85 lr_max there);
 the rest of the run, its lr decaying to 0, settles pi near pi*. A larger lr leaves a larger lr-limited spread
 (60-step runs ended at whole-vocabulary KL 0.043-0.050 with lr 1e-2, 0.014-0.018 with 5e-3).
+
+Measured (CPU, these settings, seed 1234): KL(pi || pi*) per prompt 0.0064-0.0108 with token_tis and 0.0062-0.0104
+without a correction (bound 0.017), 0.00017-0.00146 and 0.0002-0.0012 over a/b/c/other (bound 0.0041), from
+0.40-0.50 at the start; seeds 1 and 2 gave at most 0.0126 and 0.0014, and a sync run 0.0091 and 0.0012. The transient
+did not differ measurably either: the logged estimate of KL(pi || pi*) (``_assert_logged_objective_...``), averaged
+over 3 seeds, was 0.18 / 0.15 over steps 6-10 and 0.014 / 0.014 over steps 41-100 with / without the
+correction (sync: 0.09 and 0.012, one step ahead). Each run takes ~39 s on 2 idle cores (~16 s of it the 100 steps).
 """
 
 from __future__ import annotations
