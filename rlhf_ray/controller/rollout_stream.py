@@ -65,8 +65,6 @@ class StreamedGroup:
     rewards: torch.Tensor
     parts: dict[str, torch.Tensor]
     """Each reward source's value per sample (``reward/<source>_mean`` keys)."""
-    started: float
-    finished: float
     score_s: float = 0.0
     continued: int = 0
     """Samples interrupted by a weight sync and continued under the new weights (``rollout.partial``)."""
@@ -82,9 +80,8 @@ class StreamedGroup:
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> "StreamedGroup":
-        now = time.perf_counter()
         return StreamedGroup(int(state["gid"]), int(state["prompt"]), Generations.from_state(state["gens"]),
-                             [v.numpy() for v in state["versions"]], state["rewards"], dict(state["parts"]), now, now,
+                             [v.numpy() for v in state["versions"]], state["rewards"], dict(state["parts"]),
                              continued=int(state["continued"]))
 
 
@@ -118,7 +115,6 @@ class _Group:
     gid: int
     prompt: int
     samples: list[_Sample]
-    started: float
 
     def done(self) -> bool:
         return all(s.finish_reason is not None for s in self.samples)
@@ -320,11 +316,11 @@ class RolloutStream:
     def _start(self, prompts: list[int], first: int) -> None:
         """Start groups ``first``.. for ``prompts``: the engines reseeded for them, split as sync splits a step."""
         self.rollout.reseed(self.seed_of(first // self.B, first % self.B))
-        now, n = time.perf_counter(), self.spec.n
+        n = self.spec.n
         for e, part in enumerate(np.array_split(np.arange(len(prompts)), self.rollout.num_engines)):
             requests = []
             for i in part.tolist():
-                group = _Group(first + i, prompts[i], [_Sample(e) for _ in range(n)], now)
+                group = _Group(first + i, prompts[i], [_Sample(e) for _ in range(n)])
                 self.groups[group.gid] = group
                 ids = list(self.prompts[group.prompt].prompt_ids)
                 for j, sample in enumerate(group.samples):
@@ -444,13 +440,13 @@ class RolloutStream:
         rows = attach_prompts(batch, prompts)
         pending = self.scorer.start(batch, [p.prompt for p in rows])
         rewards, parts, _ = self.scorer.finish_samples(batch, pending, batch.prompts, batch.row_fields)
-        seconds, now = time.perf_counter() - t0, time.perf_counter()
+        seconds = time.perf_counter() - t0
         out, at = [], 0
         for group, g in zip(groups, gens):
             n = len(g.texts)
             out.append(StreamedGroup(group.gid, group.prompt, g, [np.concatenate(s.versions) for s in group.samples],
                                      rewards[at:at + n].clone(), {k: v[at:at + n].clone() for k, v in parts.items()},
-                                     group.started, now, seconds / len(groups),
+                                     seconds / len(groups),
                                      sum(s.pieces > 1 for s in group.samples)))
             at += n
         with self.cond:

@@ -20,7 +20,7 @@ def test_an_interrupted_sample_is_stitched_with_the_version_of_each_token():
     sample.add(_piece([7], "c", "stop"), version=4)     # continued from prompt + [5, 6] under version 4
     other = _Sample(engine=0)
     other.add(_piece([9], "z", "length"), version=4)
-    group = _Group(gid=0, prompt=2, samples=[sample, other], started=0.0)
+    group = _Group(gid=0, prompt=2, samples=[sample, other])
     assert group.done() and sample.pieces == 2 and sample.length == 3
     gens = group.generations()
     assert [t.tolist() for t in gens.token_ids] == [[5, 6, 7], [9]]
@@ -29,7 +29,7 @@ def test_an_interrupted_sample_is_stitched_with_the_version_of_each_token():
     assert gens.prompt_index.tolist() == [0, 0]
     versions = [np.concatenate(s.versions) for s in group.samples]
     assert [v.tolist() for v in versions] == [[3, 3, 4], [4]]
-    scored = StreamedGroup(0, 2, gens, versions, rewards=None, parts={}, started=0.0, finished=0.0)  # type: ignore
+    scored = StreamedGroup(0, 2, gens, versions, rewards=None, parts={})  # type: ignore
     assert scored.oldest() == 3  # at policy version 5 it is 2 versions old: over max_staleness 1, dropped
 
 
@@ -37,4 +37,4 @@ def test_a_sample_still_in_flight_leaves_its_group_unfinished():
     running, done = _Sample(engine=0), _Sample(engine=0)
     running.add(_piece([5], "a", None), version=0)
     done.add(_piece([6], "b", "stop"), version=0)
-    assert not _Group(gid=1, prompt=0, samples=[running, done], started=0.0).done()
+    assert not _Group(gid=1, prompt=0, samples=[running, done]).done()
