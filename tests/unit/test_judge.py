@@ -1,0 +1,138 @@
+"""The generative judge (reward.judge, RLAIF): config checks naming the key, the template, score parsing and
+scaling, unparsable verdicts (an error naming the sample, or the default counted), the judge role in the plan,
+and RewardScorer adding the judge's scores with its metrics (engines faked)."""
+
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from rlhf_ray.config import ConfigError, load_config, resolve
+from rlhf_ray.rewards import RewardError
+from rlhf_ray.rewards.judge import judge_rewards, load_template, parse_score, render
+
+PATTERN = re.compile(r"(?i)score\s*[:=]\s*(-?\d+(?:\.\d+)?)")
+BASE = {"job": "grpo", "model.path": "m", "learner.num_workers": 2, "learner.gpus_per_worker": 1,
+        "learner.micro_batch_size": 2, "rollout.n_samples": 4, "algo.prompts_per_step": 4}
+
+
+def cfg(**over):
+    return load_config(values={**BASE, **over})
+
+
+def test_parse_score_takes_the_first_match():
+    assert parse_score("Reasoning... Score: 7\nScore: 2", PATTERN) == 7.0
+    assert parse_score("score = -1.5", PATTERN) == -1.5
+    assert parse_score("I give it a seven", PATTERN) is None
+    assert parse_score("Score: nan", re.compile(r"Score: (\S+)")) is None  # not finite -> unparsable
+
+
+def test_judge_rewards_scale_clip_and_count_unparsable():
+    verdicts = ["Score: 1", "Score: 10", "Score: 4", "Score: 12", "no verdict"]
+    rewards, bad = judge_rewards(verdicts, PATTERN, 1.0, 10.0, default_score=5.5)
+    # (s - 1) / 9: 1 -> 0, 10 -> 1, 4 -> 3/9, 12 clipped to 10 -> 1, default 5.5 -> 4.5/9 = 0.5
+    assert rewards == pytest.approx([0.0, 1.0, 3 / 9, 1.0, 0.5], abs=1e-9)
+    assert bad == 1
+
+
+def test_unparsable_verdict_is_an_error_naming_the_sample():
+    with pytest.raises(RewardError, match=r"sample 1 has no score.*'rambling'"):
+        judge_rewards(["Score: 3", "rambling"], PATTERN, 1.0, 10.0, default_score=None)
+
+
+def test_template_renders_and_is_read_from_a_file(tmp_path):
+    t = load_template("Q: {prompt}\nA: {response}\nRef: {reference}\n{{json}}", reference_field="answer")
+    assert render(t, "2+2?", "4", 4) == "Q: 2+2?\nA: 4\nRef: 4\n{json}"
+    f = tmp_path / "rubric.txt"
+    f.write_text("Judge {response} against the constitution.")
+    assert load_template(str(f)) == "Judge {response} against the constitution."
+
+
+@pytest.mark.parametrize("template, ref, message", [
+    ("Rate the answer to {prompt}.", None, r"reward.judge.template: needs a \{response\}"),
+    ("{response} {answer}", None, r"reward.judge.template: unknown placeholder\(s\) \['answer'\]"),
+    ("{response} vs {reference}", None, "reward.judge.reference_field must name"),
+    ("{response} {", None, "reward.judge.template: .*brace"),
+])
+def test_bad_template_names_the_key(template, ref, message):
+    with pytest.raises(ConfigError, match=message):
+        load_template(template, ref)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"reward.judge.score_pattern": r"score: \d+"}, r"reward.judge.score_pattern: needs exactly one group"),
+    ({"reward.judge.score_pattern": r"(unclosed"}, r"reward.judge.score_pattern: not a regular expression"),
+    ({"reward.judge.on_unparsable": "default"}, r"reward.judge.default_score: on_unparsable: default needs"),
+    ({"reward.judge.min_score": 5, "reward.judge.max_score": 5}, r"reward.judge.max_score: must be > min_score"),
+    ({"reward.judge.template": "no placeholder"}, r"reward.judge.template: needs a \{response\}"),
+    ({"reward.judge.model": "/nonexistent/judge"}, r"reward.judge.model: /nonexistent/judge does not exist"),
+])
+def test_judge_config_errors_name_the_key(over, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(cfg(**{"reward.judge.model": "judge-hub-name", **over}))
+
+
+@pytest.mark.parametrize("mode", ["separate", "hybrid"])
+def test_judge_is_a_rollout_role_with_its_own_pool(mode):
+    r = resolve(cfg(**{"reward.judge.model": "judge-hub-name", "reward.judge.num_engines": 2,
+                       "reward.judge.tensor_parallel_size": 2, "reward.judge.max_new_tokens": 16,
+                       "placement.mode": mode, "rollout.num_engines": 2}))
+    judge = {s.name: s for s in r.roles}["judge"]
+    assert (judge.model_path, judge.num_workers, judge.gpus, judge.sleep_mode) == ("judge-hub-name", 2, 2.0, False)
+    assert (judge.rollout.temperature, judge.rollout.max_new_tokens, judge.rollout.n_samples) == (0.0, 16, 1)
+    pool = {p.name: p for p in r.plan.pools}["judge"]
+    assert (pool.size, pool.gpus_per_bundle, tuple(pool.roles)) == (2, 2.0, ("judge",))
+    assert r.plan.role_share["judge"] == 1.0
+
+
+def test_judge_alone_is_a_reward():
+    assert resolve(cfg(**{"reward.judge.model": "judge-hub-name"})).paths.judge_model == "judge-hub-name"
+    with pytest.raises(ConfigError, match="reward.judge.model"):
+        resolve(cfg())
+
+
+class FakeTokenizer:
+    chat_template = None
+    pad_token_id, eos_token_id = 0, 0
+
+    def __call__(self, text):
+        return {"input_ids": [len(text)]}  # one "token": the rendered prompt's length
+
+
+class FakeJudgeEngines:
+    """Answers each prompt with a canned verdict, in reverse order across the merged output (as if two engines
+    returned out of order), to check the verdicts are put back by prompt index."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.seen = verdicts, None
+
+    def generate_async(self, prompt_ids, spec, pad_id):
+        self.seen = (prompt_ids, spec)
+        order = list(reversed(range(len(prompt_ids))))
+        gens = SimpleNamespace(prompt_index=np.asarray(order), texts=[self.verdicts[i] for i in order])
+        return SimpleNamespace(result=lambda: (None, gens), started=0.0)
+
+
+def test_reward_scorer_adds_the_judge_with_its_metrics():
+    from rlhf_ray.config.job_sections import JudgeConfig
+    from rlhf_ray.config.schema import DataConfig, RewardConfig
+    from rlhf_ray.controller.reward_scoring import JudgeScorer, RewardScorer
+
+    jc = JudgeConfig(model="j", template="{prompt}|{response}", weight=2.0, on_unparsable="default",
+                     default_score=1.0, min_score=0.0, max_score=4.0)
+    engines = FakeJudgeEngines(["Score: 4", "Score: 1", "???"])
+    scorer = RewardScorer(RewardConfig(judge=jc), DataConfig(), judge=JudgeScorer(jc, engines, FakeTokenizer()))
+    batch = SimpleNamespace(size=3, responses=["r0", "r1", "r2"], env_rewards=None, env_failed=None)
+    total, metrics = scorer.finish(batch, None, ["p0", "p1", "p2"], {})
+    # weight 2 x (s - 0) / 4: 4 -> 2, 1 -> 0.5, unparsable -> default 1 -> 0.5
+    assert total.tolist() == pytest.approx([2.0, 0.5, 0.5], abs=1e-6)
+    assert metrics["reward/judge_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["reward/judge_unparsable"] == 1.0 and metrics["timing/judge_s"] > 0
+    prompt_ids, spec = engines.seen
+    assert prompt_ids == [[len("p0|r0")], [len("p1|r1")], [len("p2|r2")]]
+    assert (spec.temperature, spec.max_tokens, spec.n) == (0.0, 64, 1)
+    assert torch.is_tensor(total)
