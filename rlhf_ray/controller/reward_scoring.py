@@ -103,10 +103,11 @@ class JudgeScorer:
         for prompt, response, ref in zip(prompt_texts, responses, refs):
             text = render(self.template, prompt, response, ref)
             if self.tokenizer.chat_template:
-                ids = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
-                                                         add_generation_prompt=True)
-                if isinstance(ids, dict):
-                    ids = ids["input_ids"]
+                # Rendered as text, then tokenized: apply_chat_template(tokenize=True) returns a list or a
+                # BatchEncoding depending on the transformers version.
+                chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                          add_generation_prompt=True)
+                ids = self.tokenizer(chat, add_special_tokens=False)["input_ids"]
             else:
                 ids = self.tokenizer(text)["input_ids"]
             out.append(list(ids))

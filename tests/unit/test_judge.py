@@ -99,7 +99,7 @@ class FakeTokenizer:
     chat_template = None
     pad_token_id, eos_token_id = 0, 0
 
-    def __call__(self, text):
+    def __call__(self, text, add_special_tokens=True):
         return {"input_ids": [len(text)]}  # one "token": the rendered prompt's length
 
 
@@ -136,3 +136,20 @@ def test_reward_scorer_adds_the_judge_with_its_metrics():
     assert prompt_ids == [[len("p0|r0")], [len("p1|r1")], [len("p2|r2")]]
     assert (spec.temperature, spec.max_tokens, spec.n) == (0.0, 64, 1)
     assert torch.is_tensor(total)
+
+
+def test_readme_judge_example_loads():
+    """The README's reward.judge block is a valid config: its rubric renders, its verdict format parses."""
+    from pathlib import Path
+
+    import yaml
+
+    from rlhf_ray.config.job_sections import JudgeConfig
+
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = next(b.split("```")[0] for b in text.split("```yaml\n")[1:] if "judge:" in b.split("```")[0])
+    jc = JudgeConfig(**yaml.safe_load(block)["reward"]["judge"])
+    prompt = render(load_template(jc.template), "1+1?", "2")
+    assert "Question: 1+1?\nAnswer: 2\n" in prompt
+    # the README's pattern on its own verdict format: Score: 6 on 1..10 -> (6 - 1) / 9
+    assert judge_rewards(["Score: 6"], re.compile(jc.score_pattern), jc.min_score, jc.max_score, None) == ([5 / 9], 0)
