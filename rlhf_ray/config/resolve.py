@@ -422,10 +422,10 @@ def _check_multi_turn(cfg: "Config") -> None:
     if not cfg.data.apply_chat_template:
         raise ConfigError(f"{key}: observations are appended as chat turns in the chat template's markup; set "
                           "data.apply_chat_template=true (the tokenizer needs a chat template)")
-    if r.tools and not cfg.reward.functions and not cfg.reward.model:
+    if r.tools and not cfg.reward.functions and not cfg.reward.model and not cfg.reward.judge.model:
         raise ConfigError("reward.functions: the tool environment (rollout.tools) gives no reward of its own; "
                           "name a reward function (it gets the last turn as the response and the whole episode as "
-                          "the row field 'trajectory') or a reward.model")
+                          "the row field 'trajectory'), a reward.model or a judge (reward.judge.model)")
 
 
 def _check_overlong(cfg: "Config") -> None:
