@@ -238,6 +238,10 @@ DEFAULT_JUDGE_TEMPLATE = (
     "Rate how well the response answers the question, from 1 (useless or wrong) to 10 (correct, clear and "
     "complete).\n\nQuestion:\n{prompt}\n\nResponse:\n{response}\n\nReply with one line: Score: <1-10>")
 """The rubric ``reward.judge.template`` defaults to."""
+DEFAULT_PAIR_TEMPLATE = (
+    "Which response answers the question better (correct, clear and complete)?\n\nQuestion:\n{prompt}\n\n"
+    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\nReply with one line: Better: A or Better: B")
+"""The comparison ``reward.judge.pairwise_template`` defaults to."""
 
 
 @dataclass
@@ -265,6 +269,15 @@ class JudgeConfig:
     """A verdict the pattern does not match: error stops the run naming the sample and the verdict; default scores
     it ``default_score`` (on the judge's scale) and counts it in reward/judge_unparsable."""
     default_score: Optional[float] = None
+    pairwise: bool = False
+    """Job online_dpo: instead of scoring each response, the judge compares two responses of each prompt, shown in
+    both orders (A/B, then B/A, to cancel position bias); the pair is labelled when both verdicts agree and skipped
+    (counted in online_dpo/judge_inconsistent) when not. The pair: the best and worst by the other rewards when they
+    differ, else the first two different responses."""
+    pairwise_template: str = DEFAULT_PAIR_TEMPLATE
+    """The pairwise prompt (or a file's path): ``{prompt}``, ``{response_a}``, ``{response_b}`` (and ``{reference}``)."""
+    preference_pattern: str = r"(?i)better\s*(?:response)?\s*[:=]\s*\(?([AB])\b"
+    """Regular expression with one group capturing A or B in a pairwise verdict."""
     max_new_tokens: int = 64
     temperature: float = 0.0
     """0: greedy verdicts (the same response gets the same score)."""
@@ -289,6 +302,11 @@ class JudgeConfig:
         except re.error as exc:
             raise ConfigError(f"{k}score_pattern: not a regular expression ({exc})") from exc
         _check(groups == 1, k + "score_pattern", f"needs exactly one group (the number), has {groups}")
+        try:
+            groups = re.compile(self.preference_pattern).groups
+        except re.error as exc:
+            raise ConfigError(f"{k}preference_pattern: not a regular expression ({exc})") from exc
+        _check(groups == 1, k + "preference_pattern", f"needs exactly one group (A or B), has {groups}")
         _check(self.on_unparsable == "error" or self.default_score is not None, k + "default_score",
                "on_unparsable: default needs the score an unparsable verdict gets (on the judge's scale)")
         _check(self.max_new_tokens >= 1, k + "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")

@@ -315,7 +315,16 @@ def _judge_role(cfg: "Config", path: str, on_gpus: bool, on_cuda: bool) -> Rollo
     j = cfg.reward.judge
     if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
         raise ConfigError(f"reward.judge.model: {path} does not exist (a local judge model's directory, or a hub name)")
-    template = load_template(j.template, j.reference_field)
+    if j.pairwise and cfg.job != "online_dpo":
+        raise ConfigError(f"reward.judge.pairwise: labels online DPO's pairs (job online_dpo); job {cfg.job} scores "
+                          "each response, so set it false (the judge then scores with reward.judge.template)")
+    if j.pairwise:
+        from rlhf_ray.rewards.judge import load_pair_template
+
+        # the prompt and two responses: the policy's prompt + response budget and one more response
+        template = load_pair_template(j.pairwise_template, j.reference_field) + " " * cfg.rollout.response_budget
+    else:
+        template = load_template(j.template, j.reference_field)
     ro = dataclasses.replace(
         cfg.rollout, num_engines=j.num_engines, tensor_parallel_size=j.tensor_parallel_size,
         cpus_per_engine=j.cpus_per_engine, n_samples=1, temperature=j.temperature, top_p=1.0, top_k=-1,

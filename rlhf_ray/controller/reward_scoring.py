@@ -79,6 +79,79 @@ def http_token(cfg: RewardConfig) -> Optional[str]:
     return token
 
 
+def judge_ids(tokenizer: Any, text: str) -> list[int]:
+    """A judge prompt's tokens: ``text`` as one user turn of the judge's chat template when it has one."""
+    if tokenizer.chat_template:
+        # Rendered as text, then tokenized: apply_chat_template(tokenize=True) returns a list or a BatchEncoding
+        # depending on the transformers version.
+        chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer(chat, add_special_tokens=False)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
+
+
+def ordered_verdicts(gens: Any) -> list[str]:
+    """A ``Generations``' texts (one sample per prompt) in prompt order."""
+    verdicts = [""] * len(gens.texts)
+    for i, text in zip(gens.prompt_index.tolist(), gens.texts):
+        verdicts[int(i)] = text
+    return verdicts
+
+
+class PairJudge:
+    """``reward.judge.pairwise`` (online DPO): the judge compares two responses of a prompt in both orders; the
+    pair is labelled only when the two verdicts agree (``rewards.judge.pair_label``)."""
+
+    def __init__(self, cfg: JudgeConfig, engines: Any, tokenizer: Any):
+        from rlhf_ray.engines.rollout_engine import SamplingSpec
+        from rlhf_ray.rewards.judge import load_pair_template
+
+        self.cfg, self.engines, self.tokenizer = cfg, engines, tokenizer
+        self.template = load_pair_template(cfg.pairwise_template, cfg.reference_field)
+        self.pattern = re.compile(cfg.preference_pattern)
+        self.spec = SamplingSpec(n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def label(self, candidates: list[tuple[int, int]], prompt_texts: list[str], responses: list[str],
+              row_fields: dict[str, list]) -> tuple[list[tuple[int, int]], dict[str, float]]:
+        """(chosen, rejected) for each candidate pair (x, y) of sample indices the judge decides, and the counts:
+        ``online_dpo/judge_inconsistent`` (the two orders disagree), ``online_dpo/judge_unparsable`` (verdicts
+        without A or B; an error naming the sample under ``on_unparsable: error``)."""
+        from rlhf_ray.rewards.judge import pair_label, parse_preference, render_pair
+
+        refs = row_fields.get(self.cfg.reference_field) if self.cfg.reference_field else None
+        texts = []
+        for x, y in candidates:
+            ref = refs[x] if refs is not None else None
+            texts.append(render_pair(self.template, prompt_texts[x], responses[x], responses[y], ref))
+            texts.append(render_pair(self.template, prompt_texts[x], responses[y], responses[x], ref))
+        if not texts:
+            return [], {"online_dpo/judge_inconsistent": 0.0, "online_dpo/judge_unparsable": 0.0}
+        pending = self.engines.generate_async([judge_ids(self.tokenizer, t) for t in texts], self.spec, self.pad_id)
+        verdicts = ordered_verdicts(pending.result()[1])
+        pairs, inconsistent, unparsable = [], 0, 0
+        for k, (x, y) in enumerate(candidates):
+            ab, ba = (parse_preference(v, self.pattern) for v in verdicts[2 * k: 2 * k + 2])
+            if ab is None or ba is None:
+                if self.cfg.on_unparsable == "error":
+                    from rlhf_ray.rewards import RewardError
+
+                    bad = verdicts[2 * k] if ab is None else verdicts[2 * k + 1]
+                    raise RewardError(
+                        f"reward.judge: the pairwise verdict on samples {x} and {y} names neither A nor B by "
+                        f"{self.pattern.pattern!r}: {bad[:200]!r} (fix pairwise_template or preference_pattern, or "
+                        "set reward.judge.on_unparsable: default to skip such pairs)")
+                unparsable += 1
+                continue
+            winner = pair_label(ab, ba)
+            if winner is None:
+                inconsistent += 1
+                continue
+            pairs.append((x, y) if winner == 0 else (y, x))
+        return pairs, {"online_dpo/judge_inconsistent": float(inconsistent),
+                       "online_dpo/judge_unparsable": float(unparsable)}
+
+
 class JudgeScorer:
     """``reward.judge``: renders each sample through the template (the judge tokenizer's chat template around it
     when it has one), has the ``judge`` engines write verdicts, and parses them (``rewards.judge``)."""
@@ -99,19 +172,8 @@ class JudgeScorer:
 
         refs = row_fields.get(self.cfg.reference_field, [None] * len(responses)) if self.cfg.reference_field else \
             [None] * len(responses)
-        out = []
-        for prompt, response, ref in zip(prompt_texts, responses, refs):
-            text = render(self.template, prompt, response, ref)
-            if self.tokenizer.chat_template:
-                # Rendered as text, then tokenized: apply_chat_template(tokenize=True) returns a list or a
-                # BatchEncoding depending on the transformers version.
-                chat = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                          add_generation_prompt=True)
-                ids = self.tokenizer(chat, add_special_tokens=False)["input_ids"]
-            else:
-                ids = self.tokenizer(text)["input_ids"]
-            out.append(list(ids))
-        return out
+        return [judge_ids(self.tokenizer, render(self.template, prompt, response, ref))
+                for prompt, response, ref in zip(prompt_texts, responses, refs)]
 
     def start(self, prompt_texts: list[str], responses: list[str], row_fields: dict[str, list]):
         """The verdicts' generation, started (``finish`` waits)."""
@@ -124,9 +186,7 @@ class JudgeScorer:
 
         _, gens = pending.result()
         seconds = time.perf_counter() - pending.started
-        verdicts = [""] * len(gens.texts)
-        for i, text in zip(gens.prompt_index.tolist(), gens.texts):
-            verdicts[int(i)] = text
+        verdicts = ordered_verdicts(gens)
         default = self.cfg.default_score if self.cfg.on_unparsable == "default" else None
         rewards, unparsable = judge_rewards(verdicts, self.pattern, self.cfg.min_score, self.cfg.max_score, default)
         self.last_verdicts = verdicts
@@ -138,11 +198,12 @@ class RewardScorer:
     """Scores a ``RolloutBatch``; ``start`` launches the reward model, ``finish`` runs the functions and sums.
 
     ``overlong_max_len``: the response-length limit L_max of the overlong penalty (``rollout.max_new_tokens``),
-    None to leave the rewards unshaped."""
+    None to leave the rewards unshaped. ``env_rewards`` / ``pair_judged``: the batch's rewards come from an
+    environment / the pairs from a pairwise judge (online DPO), so the config may name no other reward."""
 
     def __init__(self, cfg: RewardConfig, data: DataConfig, reward_model: Any = None, policy_tokenizer=None,
                  rm_tokenizer=None, overlong_max_len: Optional[int] = None, env_rewards: bool = False,
-                 judge: Optional[JudgeScorer] = None):
+                 judge: Optional[JudgeScorer] = None, pair_judged: bool = False):
         self.cfg, self.data = cfg, data
         self.judge = judge
         self.overlong_max_len = overlong_max_len
@@ -150,7 +211,7 @@ class RewardScorer:
         self.reward_model = reward_model
         self.rm_tokenizer = rm_tokenizer
         self.retokenize = rm_tokenizer is not None and not _same_vocab(policy_tokenizer, rm_tokenizer)
-        if self.functions is None and reward_model is None and judge is None and not env_rewards:
+        if self.functions is None and reward_model is None and judge is None and not env_rewards and not pair_judged:
             from rlhf_ray.config import ConfigError
 
             raise ConfigError("reward: name at least one reward (reward.functions, reward.model or reward.judge.model)")
@@ -169,7 +230,7 @@ class RewardScorer:
 
             rm_tok = AutoTokenizer.from_pretrained(resolved.paths.reward_model)
         judge = None
-        if resolved.paths.judge_model:
+        if resolved.paths.judge_model and not resolved.config.reward.judge.pairwise:
             if judge_engines is None:
                 raise RuntimeError("reward.judge.model is set but the job started no judge engines")
             from transformers import AutoTokenizer
@@ -180,7 +241,8 @@ class RewardScorer:
         shaped = cfg.job in POLICY_JOBS and cfg.reward.overlong_penalty > 0
         return cls(cfg.reward, cfg.data, reward_model, policy_tokenizer, rm_tok,
                    overlong_max_len=cfg.rollout.response_budget if shaped else None,
-                   env_rewards=cfg.rollout.env is not None, judge=judge)
+                   env_rewards=cfg.rollout.env is not None, judge=judge,
+                   pair_judged=cfg.reward.judge.pairwise)
 
     def start(self, batch: RolloutBatch, prompts: list[Any]):
         """Start the reward model's forward (if any); returns a handle for ``finish``."""

@@ -86,3 +86,60 @@ def judge_rewards(verdicts: list[str], pattern: "re.Pattern[str]", min_score: fl
         score = min(max(score, min_score), max_score)
         rewards.append((score - min_score) / (max_score - min_score))
     return rewards, unparsable
+
+
+# ---- pairwise judging (online DPO) ------------------------------------------------------------------------------
+
+PAIR_FIELDS = ("prompt", "response_a", "response_b", "reference")
+"""The placeholders a pairwise template may use; ``{response_a}`` and ``{response_b}`` are required."""
+
+
+def load_pair_template(template: str, reference_field: Optional[str] = None) -> str:
+    """``reward.judge.pairwise_template`` as text (or read from the file it names), checked like ``load_template``:
+    ``{response_a}`` and ``{response_b}`` present, nothing beyond ``PAIR_FIELDS``. Raises ``ConfigError``."""
+    from rlhf_ray.config import ConfigError
+
+    key = "reward.judge.pairwise_template"
+    text = template
+    if "{" not in template and os.path.isfile(os.path.expanduser(template)):
+        with open(os.path.expanduser(template), encoding="utf-8") as f:
+            text = f.read()
+    try:
+        names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {exc} (write a literal brace as {{{{ or }}}})") from exc
+    unknown = sorted(names - set(PAIR_FIELDS))
+    if unknown:
+        raise ConfigError(f"{key}: unknown placeholder(s) {unknown}; the template may use {list(PAIR_FIELDS)}")
+    missing = [f for f in ("response_a", "response_b") if f not in names]
+    if missing:
+        raise ConfigError(f"{key}: needs the placeholder(s) {missing}: the two responses the judge compares")
+    if "reference" in names and not reference_field:
+        raise ConfigError(f"{key}: uses {{reference}}, so reward.judge.reference_field must name the row field")
+    return text
+
+
+def render_pair(template: str, prompt: str, a: str, b: str, reference: Any = None) -> str:
+    return template.format(prompt=prompt, response_a=a, response_b=b,
+                           reference="" if reference is None else str(reference))
+
+
+def parse_preference(verdict: str, pattern: "re.Pattern[str]") -> Optional[str]:
+    """"A" or "B": the group of ``pattern``'s first match, upper-cased; None when there is none or it is another
+    string."""
+    m = pattern.search(verdict)
+    if m is None or m.group(1) is None:
+        return None
+    choice = m.group(1).strip().upper()
+    return choice if choice in ("A", "B") else None
+
+
+def pair_label(ab: Optional[str], ba: Optional[str]) -> Optional[int]:
+    """Which of (x, y) wins from the verdicts on both orders: ``ab`` shown x as A, ``ba`` shown y as A.
+    0: x (A then B), 1: y (B then A), None: the verdicts disagree once positions are undone (position bias) or one
+    did not parse."""
+    if ab == "A" and ba == "B":
+        return 0
+    if ab == "B" and ba == "A":
+        return 1
+    return None

@@ -153,3 +153,96 @@ def test_readme_judge_example_loads():
     assert "Question: 1+1?\nAnswer: 2\n" in prompt
     # the README's pattern on its own verdict format: Score: 6 on 1..10 -> (6 - 1) / 9
     assert judge_rewards(["Score: 6"], re.compile(jc.score_pattern), jc.min_score, jc.max_score, None) == ([5 / 9], 0)
+
+
+# ---- pairwise (online DPO) --------------------------------------------------------------------------------------
+
+PREF = re.compile(r"(?i)better\s*(?:response)?\s*[:=]\s*\(?([AB])\b")
+
+
+def test_parse_preference_and_both_orders():
+    from rlhf_ray.rewards.judge import pair_label, parse_preference
+
+    assert parse_preference("Both fine. Better: b", PREF) == "B"
+    assert parse_preference("Better response = (A)", PREF) == "A"
+    assert parse_preference("Better: C", PREF) is None and parse_preference("A is nicer", PREF) is None
+    # ab shows (x, y) as (A, B), ba shows (y, x): x wins only when both verdicts point at x
+    assert pair_label("A", "B") == 0 and pair_label("B", "A") == 1
+    assert pair_label("A", "A") is None and pair_label("B", "B") is None  # position bias: always the first/second
+    assert pair_label(None, "B") is None
+
+
+def test_judge_candidates_by_reward_else_first_different_text():
+    from rlhf_ray.controller.online_dpo import judge_candidates
+
+    group = torch.tensor([0, 0, 0, 1, 1, 1, 2, 2])
+    rewards = torch.tensor([0.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0])
+    texts = ["a", "b", "c", "x", "x", "y", "z", "z"]
+    # prompt 0: rewards differ -> best 1, worst 0; prompt 1: tied -> 3 and the first other text, 5;
+    # prompt 2: tied and all "z" -> nothing to compare, counted
+    assert judge_candidates(rewards, group, texts) == ([(1, 0), (3, 5)], 1)
+
+
+class PairEngines:
+    """Writes the verdict ``decide(prompt text)`` for each judge prompt (the fake tokenizer's ids hold the text)."""
+
+    def __init__(self, decide):
+        self.decide, self.calls = decide, 0
+
+    def generate_async(self, prompt_ids, spec, pad_id):
+        self.calls += 1
+        texts = [self.decide("".join(map(chr, ids))) for ids in prompt_ids]
+        gens = SimpleNamespace(prompt_index=np.arange(len(texts)), texts=texts)
+        return SimpleNamespace(result=lambda: (None, gens), started=0.0)
+
+
+class CharTokenizer(FakeTokenizer):
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [ord(c) for c in text]}
+
+
+def pair_judge(decide, **over):
+    from rlhf_ray.config.job_sections import JudgeConfig
+    from rlhf_ray.controller.reward_scoring import PairJudge
+
+    jc = JudgeConfig(model="j", pairwise=True, pairwise_template="A={response_a} B={response_b}", **over)
+    return PairJudge(jc, PairEngines(decide), CharTokenizer())
+
+
+def test_pair_judge_labels_agreeing_verdicts_and_counts_the_rest():
+    def decide(text):  # prefers "good" wherever it is shown; "biased" pairs always get A; "mute" pairs no verdict
+        if "biased" in text:
+            return "Better: A"
+        if "mute" in text:
+            return "hmm"
+        return "Better: A" if text.startswith("A=good") else "Better: B"
+
+    responses = ["bad", "good", "good", "bad", "biased", "x", "mute", "y"]
+    judge = pair_judge(decide, on_unparsable="default", default_score=0.0)
+    pairs, counts = judge.label([(0, 1), (2, 3), (4, 5), (6, 7)], ["p"] * 8, responses, {})
+    # (0, 1): "good" is 1 -> chosen 1; (2, 3): "good" is 2 -> chosen 2; (4, 5) inconsistent; (6, 7) unparsable
+    assert pairs == [(1, 0), (2, 3)]
+    assert counts == {"online_dpo/judge_inconsistent": 1.0, "online_dpo/judge_unparsable": 1.0}
+    assert judge.engines.calls == 1  # both orders of every pair in one request
+
+
+def test_pair_judge_unparsable_is_an_error_naming_the_samples():
+    judge = pair_judge(lambda text: "no idea")
+    with pytest.raises(RewardError, match=r"samples 4 and 7 names neither A nor B.*'no idea'"):
+        judge.label([(4, 7)], ["p"] * 8, ["r"] * 8, {})
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"job": "grpo"}, r"reward.judge.pairwise: labels online DPO's pairs"),
+    ({"reward.judge.pairwise_template": "{response_a} only"},
+     r"reward.judge.pairwise_template: needs the placeholder\(s\) \['response_b'\]"),
+    ({"reward.judge.preference_pattern": "Better: [AB]"}, r"reward.judge.preference_pattern: needs exactly one group"),
+])
+def test_pairwise_config_errors_name_the_key(over, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve(cfg(**{"job": "online_dpo", "reward.judge.model": "j", "reward.judge.pairwise": True, **over}))
+
+
+def test_pairwise_judge_alone_resolves_for_online_dpo():
+    r = resolve(cfg(**{"job": "online_dpo", "reward.judge.model": "j", "reward.judge.pairwise": True}))
+    assert "judge" in [s.name for s in r.roles]
