@@ -8,7 +8,7 @@ from typing import Any, Literal, Optional
 
 from rlhf_ray.algos.names import (ADVANTAGE_ESTIMATORS, KL_ESTIMATOR_NAMES, LOSS_AGG_MODES, OFF_POLICY_CORRECTIONS,
                                   POLICY_LOSS_NAMES, PREFERENCE_LOSS_NAMES, RATIO_LEVELS)
-from rlhf_ray.config.errors import check as _check
+from rlhf_ray.config.errors import ConfigError, check as _check
 
 
 @dataclass
@@ -234,6 +234,88 @@ class AlgoConfig:
                f"(engine and learner agreeing), got {self.importance_mask_high}")
 
 
+DEFAULT_JUDGE_TEMPLATE = (
+    "Rate how well the response answers the question, from 1 (useless or wrong) to 10 (correct, clear and "
+    "complete).\n\nQuestion:\n{prompt}\n\nResponse:\n{response}\n\nReply with one line: Score: <1-10>")
+"""The rubric ``reward.judge.template`` defaults to."""
+DEFAULT_PAIR_TEMPLATE = (
+    "Which response answers the question better (correct, clear and complete)?\n\nQuestion:\n{prompt}\n\n"
+    "Response A:\n{response_a}\n\nResponse B:\n{response_b}\n\nReply with one line: Better: A or Better: B")
+"""The comparison ``reward.judge.pairwise_template`` defaults to."""
+
+
+@dataclass
+class JudgeConfig:
+    """A generative judge (RLAIF): a model served by its own vLLM engines reads each (prompt, response) through
+    ``template`` and writes a verdict; ``score_pattern`` pulls the score out, scaled from [min_score, max_score]
+    to [0, 1] and added to the reward with ``weight``."""
+
+    model: Optional[str] = None
+    """Path of the judge model (a causal LM vLLM serves); unset: no judge."""
+    template: str = DEFAULT_JUDGE_TEMPLATE
+    """The judge's prompt (a rubric or a constitution), or the path of a file holding it: ``{prompt}`` and
+    ``{response}`` are filled in, ``{reference}`` with the row's ``reference_field``; other braces are doubled
+    (``{{`` ``}}``). The judge tokenizer's chat template is applied to it (as one user turn) when it has one."""
+    reference_field: Optional[str] = None
+    """Row field the template's ``{reference}`` takes (e.g. a reference answer)."""
+    score_pattern: str = r"(?i)score\s*[:=]\s*(-?\d+(?:\.\d+)?)"
+    """Regular expression with one group capturing the score as a number; its first match in the verdict counts."""
+    min_score: float = 1.0
+    max_score: float = 10.0
+    """The template's scale: a parsed score s gives reward weight * (s - min_score) / (max_score - min_score);
+    a score outside the scale is clipped to it."""
+    weight: float = 1.0
+    on_unparsable: Literal["error", "default"] = "error"
+    """A verdict the pattern does not match: error stops the run naming the sample and the verdict; default scores
+    it ``default_score`` (on the judge's scale) and counts it in reward/judge_unparsable."""
+    default_score: Optional[float] = None
+    pairwise: bool = False
+    """Job online_dpo: instead of scoring each response, the judge compares two responses of each prompt, shown in
+    both orders (A/B, then B/A, to cancel position bias); the pair is labelled when both verdicts agree and skipped
+    (counted in online_dpo/judge_inconsistent) when not. The pair: the best and worst by the other rewards when they
+    differ, else the first two different responses."""
+    pairwise_template: str = DEFAULT_PAIR_TEMPLATE
+    """The pairwise prompt (or a file's path): ``{prompt}``, ``{response_a}``, ``{response_b}`` (and ``{reference}``)."""
+    preference_pattern: str = r"(?i)better\s*(?:response)?\s*[:=]\s*\(?([AB])\b"
+    """Regular expression with one group capturing A or B in a pairwise verdict."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    """0: greedy verdicts (the same response gets the same score)."""
+    num_engines: int = 1
+    tensor_parallel_size: int = 1
+    """GPUs per judge engine (on GPU runs; the judge has its own GPUs in every placement mode)."""
+    cpus_per_engine: float = 1.0
+    max_model_len: Optional[int] = None
+    """Defaults to data.max_prompt_length + rollout.max_new_tokens + the template's length + max_new_tokens."""
+    kv_cache_memory_gb: Optional[float] = None
+    gpu_memory_utilization: float = 0.8
+    enforce_eager: bool = False
+
+    def __post_init__(self) -> None:
+        import re
+
+        k = "reward.judge."
+        _check(self.max_score > self.min_score, k + "max_score",
+               f"must be > min_score ({self.min_score}), got {self.max_score}")
+        try:
+            groups = re.compile(self.score_pattern).groups
+        except re.error as exc:
+            raise ConfigError(f"{k}score_pattern: not a regular expression ({exc})") from exc
+        _check(groups == 1, k + "score_pattern", f"needs exactly one group (the number), has {groups}")
+        try:
+            groups = re.compile(self.preference_pattern).groups
+        except re.error as exc:
+            raise ConfigError(f"{k}preference_pattern: not a regular expression ({exc})") from exc
+        _check(groups == 1, k + "preference_pattern", f"needs exactly one group (A or B), has {groups}")
+        _check(self.on_unparsable == "error" or self.default_score is not None, k + "default_score",
+               "on_unparsable: default needs the score an unparsable verdict gets (on the judge's scale)")
+        _check(self.max_new_tokens >= 1, k + "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        _check(self.temperature >= 0, k + "temperature", f"must be >= 0, got {self.temperature}")
+        _check(self.num_engines >= 1, k + "num_engines", f"must be >= 1, got {self.num_engines}")
+        _check(self.tensor_parallel_size >= 1, k + "tensor_parallel_size",
+               f"must be >= 1, got {self.tensor_parallel_size}")
+
+
 @dataclass
 class RewardConfig:
     """Where rewards come from: functions (file, built-in, HTTP) and/or a trained reward model."""
@@ -262,6 +344,8 @@ class RewardConfig:
     overlong_buffer: Optional[int] = None
     """L_cache: the tokens before rollout.max_new_tokens over which the overlong penalty grows (DAPO: 4096 of
     20480); needed when overlong_penalty > 0, at most rollout.max_new_tokens."""
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    """A generative judge model (RLAIF), scored as the source ``judge`` (reward/judge_mean)."""
 
     def __post_init__(self) -> None:
         _check(self.http_token_env is None or bool(self.http_token_env.strip()), "http_token_env",

@@ -86,7 +86,8 @@ def _paths(cfg: "Config") -> Paths:
     assert model is not None
     return Paths(model=model, tokenizer=_absolute(cfg.model.tokenizer) or model,
                  output_dir=str(_absolute(cfg.train.output_dir, must_exist=False)),
-                 reward_model=_absolute(cfg.reward.model), critic_model=_absolute(cfg.critic.model))
+                 reward_model=_absolute(cfg.reward.model), critic_model=_absolute(cfg.critic.model),
+                 judge_model=_absolute(cfg.reward.judge.model))
 
 
 # ---- batch shape and the RL choices -----------------------------------------------------------------
@@ -94,9 +95,9 @@ def _paths(cfg: "Config") -> Paths:
 def _rollout_job_shape(cfg: "Config") -> tuple[BatchShape, Optional[RLSettings]]:
     """Batch shape of a rollout job, checked, and (ppo / grpo) its RL settings."""
     a, r, lc = cfg.algo, cfg.rollout, cfg.learner
-    if not cfg.reward.functions and not cfg.reward.model and r.env is None:
+    if not cfg.reward.functions and not cfg.reward.model and not cfg.reward.judge.model and r.env is None:
         raise ConfigError(f"reward.functions: job {cfg.job} needs a reward: reward.functions (e.g. [builtin:math]), "
-                          "reward.model, or an environment's rewards (rollout.env)")
+                          "reward.model, a judge (reward.judge.model), or an environment's rewards (rollout.env)")
     per_pass = lc.micro_batch_size * lc.num_workers
     if cfg.job == "eval":  # samples once over its prompts; no learner, so no batch split to check
         return BatchShape(per_step=a.prompts_per_step * r.n_samples, per_update=per_pass, updates_per_step=0), None
@@ -301,7 +302,42 @@ def _roles(cfg: "Config", paths: Paths, batch: BatchShape, reference: Optional[s
         rollout=ro, dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=cfg.placement.mode == "hybrid",
         max_model_len=ro.max_model_len or _default_max_model_len(cfg), gpus=engine_gpus,
         cpus=ro.cpus_per_engine, seed=tc.seed if ro.seed is None else ro.seed))
+    if paths.judge_model:
+        roles.append(_judge_role(cfg, paths.judge_model, lc.gpus_per_worker > 0, on_cuda))
     return tuple(roles)
+
+
+def _judge_role(cfg: "Config", path: str, on_gpus: bool, on_cuda: bool) -> RolloutRoleSpec:
+    """``reward.judge``'s engines: a rollout role of their own (own pool in every placement mode, never asleep),
+    greedy by default, sampling ``max_new_tokens`` verdict tokens."""
+    from rlhf_ray.rewards.judge import load_template
+
+    j = cfg.reward.judge
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"reward.judge.model: {path} does not exist (a local judge model's directory, or a hub name)")
+    if j.pairwise and cfg.job != "online_dpo":
+        raise ConfigError(f"reward.judge.pairwise: labels online DPO's pairs (job online_dpo); job {cfg.job} scores "
+                          "each response, so set it false (the judge then scores with reward.judge.template)")
+    if j.pairwise:
+        from rlhf_ray.rewards.judge import load_pair_template
+
+        # the prompt and two responses: the policy's prompt + response budget and one more response
+        template = load_pair_template(j.pairwise_template, j.reference_field) + " " * cfg.rollout.response_budget
+    else:
+        template = load_template(j.template, j.reference_field)
+    ro = dataclasses.replace(
+        cfg.rollout, num_engines=j.num_engines, tensor_parallel_size=j.tensor_parallel_size,
+        cpus_per_engine=j.cpus_per_engine, n_samples=1, temperature=j.temperature, top_p=1.0, top_k=-1,
+        max_new_tokens=j.max_new_tokens, stop=[], ignore_eos=False, kv_cache_memory_gb=j.kv_cache_memory_gb,
+        gpu_memory_utilization=j.gpu_memory_utilization, enforce_eager=j.enforce_eager, max_model_len=None,
+        engine_kwargs={}, mode="sync")
+    # The template's characters bound its tokens; the judged prompt and response fit the policy's own length.
+    max_len = j.max_model_len or _default_max_model_len(cfg) + len(template) + j.max_new_tokens
+    return RolloutRoleSpec(
+        model_path=path, tokenizer_path=path, trust_remote_code=cfg.model.trust_remote_code, rollout=ro,
+        dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=False, max_model_len=max_len,
+        gpus=float(j.tensor_parallel_size) if on_gpus else 0.0, cpus=j.cpus_per_engine, seed=cfg.train.seed,
+        name="judge", placement_role="judge")
 
 
 # ---- checks across sections -------------------------------------------------------------------------
@@ -395,10 +431,10 @@ def _check_multi_turn(cfg: "Config") -> None:
     if not cfg.data.apply_chat_template:
         raise ConfigError(f"{key}: observations are appended as chat turns in the chat template's markup; set "
                           "data.apply_chat_template=true (the tokenizer needs a chat template)")
-    if r.tools and not cfg.reward.functions and not cfg.reward.model:
+    if r.tools and not cfg.reward.functions and not cfg.reward.model and not cfg.reward.judge.model:
         raise ConfigError("reward.functions: the tool environment (rollout.tools) gives no reward of its own; "
                           "name a reward function (it gets the last turn as the response and the whole episode as "
-                          "the row field 'trajectory') or a reward.model")
+                          "the row field 'trajectory'), a reward.model or a judge (reward.judge.model)")
 
 
 def _check_overlong(cfg: "Config") -> None:

@@ -55,6 +55,8 @@ class Paths:
     reward_model: Optional[str] = None
     critic_model: Optional[str] = None
     """``critic.model``, or None for the policy's."""
+    judge_model: Optional[str] = None
+    """``reward.judge.model``: the generative judge's engines (role ``judge``), or None."""
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,26 @@ def best_worst_pairs(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[
     return pairs, ties
 
 
+def judge_candidates(rewards: torch.Tensor, group_index: torch.Tensor, responses: list[str]
+                     ) -> tuple[list[tuple[int, int]], int]:
+    """For each prompt, the two samples a pairwise judge compares: the best and worst by ``rewards`` when they
+    differ (``best_worst_pairs``), else its first two samples with different texts; prompts whose samples are all
+    the same text give none and are counted. rewards: (B,), group_index: (B,) -> (pairs in prompt order, ties)."""
+    pairs, ties = [], 0
+    for g in torch.unique(group_index, sorted=True).tolist():
+        idx = (group_index == g).nonzero().flatten().tolist()
+        by_reward, _ = best_worst_pairs(rewards[idx], torch.zeros(len(idx), dtype=torch.long))
+        if by_reward:
+            pairs.append((idx[by_reward[0][0]], idx[by_reward[0][1]]))
+            continue
+        other = next((i for i in idx[1:] if responses[i] != responses[idx[0]]), None)
+        if other is None:
+            ties += 1
+        else:
+            pairs.append((idx[0], other))
+    return pairs, ties
+
+
 def sequence_example(batch, b: int) -> dict[str, list[int]]:
     """Row ``b`` of a rollout batch as ``{"input_ids", "labels"}`` with labels IGNORE_INDEX off the response."""
     n = int(batch.attention_mask[b].sum())
@@ -62,6 +82,15 @@ class OnlineDPOLoop(RolloutLoop):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss = DPOLoss.from_config(self.cfg)
+        self.pair_judge = None
+        if self.cfg.reward.judge.pairwise:
+            from transformers import AutoTokenizer
+
+            from rlhf_ray.controller.reward_scoring import PairJudge
+
+            judge_path = self.resolved.paths.judge_model
+            self.pair_judge = PairJudge(self.cfg.reward.judge, self.roles.get("judge"),
+                                        AutoTokenizer.from_pretrained(judge_path))
 
     def step(self, step: int) -> dict[str, float]:
         timer = PhaseTimer()
@@ -72,8 +101,14 @@ class OnlineDPOLoop(RolloutLoop):
         if batch.rewards is None:
             metrics.update(self.score(batch, rows, timer))
 
-        # 3. pairs
-        pairs, ties = best_worst_pairs(batch.rewards, batch.group_index)
+        # 3. pairs: best / worst by reward, or (reward.judge.pairwise) as the judge decides
+        if self.pair_judge is None:
+            pairs, ties = best_worst_pairs(batch.rewards, batch.group_index)
+        else:
+            with timer("judge"):
+                candidates, ties = judge_candidates(batch.rewards, batch.group_index, batch.responses)
+                pairs, judged = self.pair_judge.label(candidates, batch.prompts, batch.responses, batch.row_fields)
+            metrics.update(judged)
         metrics.update({"online_dpo/pairs": float(len(pairs)), "online_dpo/ties_skipped": float(ties)})
 
         # 4. update (skipped, and said so, when too few prompts had a better and a worse sample)

@@ -91,7 +91,7 @@ class RolloutLoop(TrainLoop):
         super().__init__(resolved, roles, schedule, len(prompts), output_dir, recoveries)
         self.prompts, self.eval_prompts, self.tokenizer = prompts, eval_prompts, tokenizer
         self.spec = SamplingSpec.from_config(self.cfg.rollout)
-        self.scorer = RewardScorer.from_resolved(resolved, roles.reward_model, tokenizer)
+        self.scorer = RewardScorer.from_resolved(resolved, roles.reward_model, tokenizer, roles.get("judge"))
         paths = resolved.paths
         self.shapes = {"policy": ModelShape.from_hf_config(paths.model),
                        "critic": (ModelShape.from_hf_config(paths.critic_model or paths.model, head="token_value")

@@ -62,7 +62,7 @@ def sample_and_select(ctx: JobContext) -> dict[str, Any]:
     cfg, prompts, roles, output_dir = ctx.resolved.config, ctx.train, ctx.roles, ctx.output_dir
     out_path = Path(cfg.best_of_n.output_path)
     out_path = out_path if out_path.is_absolute() else output_dir / out_path
-    scorer = RewardScorer.from_resolved(ctx.resolved, roles.reward_model, ctx.tokenizer)
+    scorer = RewardScorer.from_resolved(ctx.resolved, roles.reward_model, ctx.tokenizer, roles.get("judge"))
     spec = SamplingSpec.from_config(cfg.rollout)
     chunk = cfg.algo.prompts_per_step
     all_rewards, best_rewards, kept_rewards, rows = [], [], [], []

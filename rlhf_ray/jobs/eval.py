@@ -87,7 +87,8 @@ def evaluate(ctx: JobContext) -> dict[str, Any]:
     cfg, out = ctx.resolved.config, ctx.output_dir
     settings = ctx.resolved.evaluation
     assert settings is not None
-    scorer = RewardScorer.from_resolved(ctx.resolved, ctx.roles.reward_model, ctx.tokenizer)
+    scorer = RewardScorer.from_resolved(ctx.resolved, ctx.roles.reward_model, ctx.tokenizer,
+                                        ctx.roles.get("judge"))
     spec = SamplingSpec.from_config(cfg.rollout, n=settings.n, temperature=settings.temperature)
     sampled, generate_s, reward_s = sample_and_score(ctx, scorer, spec)
     sampled_numbers = summarize(sampled, settings, settings.ks)

@@ -189,3 +189,29 @@ def test_grpo_dynamic_sampling_refills_groups_without_signal(ray_cluster, tiny_m
     assert any(r["filter/rounds"] > 0 for r in rows), rows  # chance 0.03: all-zero groups are the common case
     state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["prompts_taken"] == sum(r["filter/prompts_taken"] for r in rows)
+
+
+def test_grpo_with_a_generative_judge_on_its_own_engines(ray_cluster, tiny_model_dir, tmp_path):
+    """reward.judge (RLAIF) with the tiny model as judge, on its own vLLM engine (role judge, placement separate):
+    2 GRPO steps. The random judge writes random text, so verdicts without a digit score the default and are
+    counted; the check is that the judge engines ran on every step and their scores reached the reward."""
+    out = tmp_path / "judged"
+    code = cli_main(["train", str(REPO / "examples/grpo_tiny_cpu.yaml"), f"model.path={tiny_model_dir}",
+                     f"reward.judge.model={tiny_model_dir}", "reward.judge.template='Q {prompt} A {response} Score: '",
+                     r"reward.judge.score_pattern=(\d)", "reward.judge.min_score=0", "reward.judge.max_score=9",
+                     "reward.judge.on_unparsable=default", "reward.judge.default_score=4.5",
+                     "reward.judge.max_new_tokens=4", "reward.judge.max_model_len=128", "reward.judge.enforce_eager=true",
+                     "algo.total_steps=2", "algo.prompts_per_step=4", "rollout.n_samples=4",
+                     "learner.micro_batch_size=8", f"train.output_dir={out}", "logging.progress_bar=false"])
+    assert code == 0
+    report = json.loads((out / "placement.json").read_text())
+    assert len(report["roles"]["judge"]) == 1
+    rows = read_metrics(out / "metrics.jsonl")
+    assert len(rows) == 2
+    for r in rows:
+        assert r["timing/judge_s"] > 0
+        assert r["reward/judge_unparsable"] == int(r["reward/judge_unparsable"])
+        assert 0 <= r["reward/judge_unparsable"] <= r["rollout/sequences"] == 16
+        # each unparsable verdict scores the default 4.5 / 9 = 0.5, each parsed one digit / 9 in [0, 1]
+        bad = r["reward/judge_unparsable"]
+        assert 0.5 * bad / 16 - 1e-6 <= r["reward/judge_mean"] <= (0.5 * bad + (16 - bad)) / 16 + 1e-6
