@@ -21,13 +21,11 @@ TEMPLATE_FIELDS = ("prompt", "response", "reference")
 """The placeholders a judge template may use; ``{response}`` is required."""
 
 
-def load_template(template: str, reference_field: Optional[str] = None) -> str:
-    """``reward.judge.template`` as text (read from the file it names when it names one), checked: ``{response}``
-    present, no placeholder beyond ``TEMPLATE_FIELDS``, ``{reference}`` only with ``reference_field``.
-    Raises ``ConfigError`` naming the key."""
+def _template_text(template: str, key: str) -> tuple[str, set[str]]:
+    """A judge template as text (read from the file it names when it names one) and its placeholder names;
+    ``ConfigError`` naming ``key`` when its braces do not parse."""
     from rlhf_ray.config import ConfigError
 
-    key = "reward.judge.template"
     text = template
     if "{" not in template and os.path.isfile(os.path.expanduser(template)):
         with open(os.path.expanduser(template), encoding="utf-8") as f:
@@ -36,6 +34,17 @@ def load_template(template: str, reference_field: Optional[str] = None) -> str:
         names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc} (write a literal brace as {{{{ or }}}})") from exc
+    return text, names
+
+
+def load_template(template: str, reference_field: Optional[str] = None) -> str:
+    """``reward.judge.template`` as text (read from the file it names when it names one), checked: ``{response}``
+    present, no placeholder beyond ``TEMPLATE_FIELDS``, ``{reference}`` only with ``reference_field``.
+    Raises ``ConfigError`` naming the key."""
+    from rlhf_ray.config import ConfigError
+
+    key = "reward.judge.template"
+    text, names = _template_text(template, key)
     unknown = sorted(names - set(TEMPLATE_FIELDS))
     if unknown:
         raise ConfigError(f"{key}: unknown placeholder(s) {unknown}; the template may use {list(TEMPLATE_FIELDS)} "
@@ -100,14 +109,7 @@ def load_pair_template(template: str, reference_field: Optional[str] = None) -> 
     from rlhf_ray.config import ConfigError
 
     key = "reward.judge.pairwise_template"
-    text = template
-    if "{" not in template and os.path.isfile(os.path.expanduser(template)):
-        with open(os.path.expanduser(template), encoding="utf-8") as f:
-            text = f.read()
-    try:
-        names = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
-    except ValueError as exc:
-        raise ConfigError(f"{key}: {exc} (write a literal brace as {{{{ or }}}})") from exc
+    text, names = _template_text(template, key)
     unknown = sorted(names - set(PAIR_FIELDS))
     if unknown:
         raise ConfigError(f"{key}: unknown placeholder(s) {unknown}; the template may use {list(PAIR_FIELDS)}")
