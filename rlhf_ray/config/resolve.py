@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Literal, Optional
 
 from rlhf_ray.algos.names import GROUP_BASED, NEEDS_CRITIC, REFERENCE_FREE_PREFERENCE_LOSSES
 from rlhf_ray.config.errors import ConfigError
+from rlhf_ray.config.job_sections import JudgeConfig, RolloutConfig
 from rlhf_ray.config.resolved import (COLOCATE, OFFLINE_COLOCATE, POLICY_JOBS, Accelerator, BatchShape, BestSettings,
                                       Head, LearnerRoleSpec, Paths, RLSettings, RoleSpec, RolloutRoleSpec, Resolved,
                                       SyncSettings, auto_dtype, request)
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = ["COLOCATE", "OFFLINE_COLOCATE", "POLICY_JOBS", "Accelerator", "BatchShape", "BestSettings", "EvalSettings",
            "Head", "LearnerRoleSpec", "Paths", "RLSettings", "RoleSpec", "RolloutRoleSpec", "Resolved", "SyncSettings",
-           "auto_dtype", "best_mode", "request", "resolve"]
+           "auto_dtype", "best_mode", "check_judge_model", "judge_rollout", "request", "resolve"]
 
 def resolve(cfg: "Config", accelerator: Optional[Accelerator] = None) -> Resolved:
     """Check ``cfg`` across its sections and derive what the run needs (see the module docstring)."""
@@ -313,8 +314,7 @@ def _judge_role(cfg: "Config", path: str, on_gpus: bool, on_cuda: bool) -> Rollo
     from rlhf_ray.rewards.judge import load_template
 
     j = cfg.reward.judge
-    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
-        raise ConfigError(f"reward.judge.model: {path} does not exist (a local judge model's directory, or a hub name)")
+    check_judge_model(path)
     if j.pairwise and cfg.job != "online_dpo":
         raise ConfigError(f"reward.judge.pairwise: labels online DPO's pairs (job online_dpo); job {cfg.job} scores "
                           "each response, so set it false (the judge then scores with reward.judge.template)")
@@ -325,19 +325,32 @@ def _judge_role(cfg: "Config", path: str, on_gpus: bool, on_cuda: bool) -> Rollo
         template = load_pair_template(j.pairwise_template, j.reference_field) + " " * cfg.rollout.response_budget
     else:
         template = load_template(j.template, j.reference_field)
-    ro = dataclasses.replace(
-        cfg.rollout, num_engines=j.num_engines, tensor_parallel_size=j.tensor_parallel_size,
+    # The template's characters bound its tokens; the judged prompt and response fit the policy's own length.
+    max_len = j.max_model_len or _default_max_model_len(cfg) + len(template) + j.max_new_tokens
+    return RolloutRoleSpec(
+        model_path=path, tokenizer_path=path, trust_remote_code=cfg.model.trust_remote_code,
+        rollout=judge_rollout(cfg.rollout, j), dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=False,
+        max_model_len=max_len, gpus=float(j.tensor_parallel_size) if on_gpus else 0.0, cpus=j.cpus_per_engine,
+        seed=cfg.train.seed, name="judge", placement_role="judge")
+
+
+def check_judge_model(path: str) -> None:
+    """``ConfigError`` naming ``reward.judge.model`` when it is a local path (``/``, ``./``, ``../``, ``~``) that
+    does not exist; anything else is taken as a hub name."""
+    if path.startswith(("/", "./", "../", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"reward.judge.model: {path} does not exist (a local judge model's directory, or a hub name)")
+
+
+def judge_rollout(base: RolloutConfig, j: JudgeConfig) -> RolloutConfig:
+    """The engine settings of ``reward.judge``'s engines: ``base``'s (the run's ``rollout`` section, or its
+    defaults for the reward server's judge) with the judge's own sampling (one greedy-by-default verdict of
+    ``max_new_tokens``), devices and memory, synchronous, no stop strings or extra engine arguments."""
+    return dataclasses.replace(
+        base, num_engines=j.num_engines, tensor_parallel_size=j.tensor_parallel_size,
         cpus_per_engine=j.cpus_per_engine, n_samples=1, temperature=j.temperature, top_p=1.0, top_k=-1,
         max_new_tokens=j.max_new_tokens, stop=[], ignore_eos=False, kv_cache_memory_gb=j.kv_cache_memory_gb,
         gpu_memory_utilization=j.gpu_memory_utilization, enforce_eager=j.enforce_eager, max_model_len=None,
         engine_kwargs={}, mode="sync")
-    # The template's characters bound its tokens; the judged prompt and response fit the policy's own length.
-    max_len = j.max_model_len or _default_max_model_len(cfg) + len(template) + j.max_new_tokens
-    return RolloutRoleSpec(
-        model_path=path, tokenizer_path=path, trust_remote_code=cfg.model.trust_remote_code, rollout=ro,
-        dtype=auto_dtype(cfg.model.dtype, on_cuda), sleep_mode=False, max_model_len=max_len,
-        gpus=float(j.tensor_parallel_size) if on_gpus else 0.0, cpus=j.cpus_per_engine, seed=cfg.train.seed,
-        name="judge", placement_role="judge")
 
 
 # ---- checks across sections -------------------------------------------------------------------------

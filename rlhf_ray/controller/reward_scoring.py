@@ -158,22 +158,16 @@ class JudgeScorer:
 
     def __init__(self, cfg: JudgeConfig, engines: Any, tokenizer: Any):
         from rlhf_ray.engines.rollout_engine import SamplingSpec
-        from rlhf_ray.rewards.judge import load_template
+        from rlhf_ray.rewards.judge import PointwiseJudge
 
         self.cfg, self.engines, self.tokenizer = cfg, engines, tokenizer
-        self.template = load_template(cfg.template, cfg.reference_field)
-        self.pattern = re.compile(cfg.score_pattern)
+        self.judge = PointwiseJudge.from_config(cfg)
         self.spec = SamplingSpec(n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def prompt_ids(self, prompt_texts: list[str], responses: list[str], row_fields: dict[str, list]) -> list[list[int]]:
         """The judge's prompt tokens for each sample."""
-        from rlhf_ray.rewards.judge import render
-
-        refs = row_fields.get(self.cfg.reference_field, [None] * len(responses)) if self.cfg.reference_field else \
-            [None] * len(responses)
-        return [judge_ids(self.tokenizer, render(self.template, prompt, response, ref))
-                for prompt, response, ref in zip(prompt_texts, responses, refs)]
+        return [judge_ids(self.tokenizer, text) for text in self.judge.prompts(prompt_texts, responses, row_fields)]
 
     def start(self, prompt_texts: list[str], responses: list[str], row_fields: dict[str, list]):
         """The verdicts' generation, started (``finish`` waits)."""
@@ -182,15 +176,12 @@ class JudgeScorer:
 
     def finish(self, pending) -> tuple[torch.Tensor, dict[str, float]]:
         """(weight * the judge's scaled scores (B,), metrics: ``timing/judge_s``, ``reward/judge_unparsable``)."""
-        from rlhf_ray.rewards.judge import judge_rewards
-
         _, gens = pending.result()
         seconds = time.perf_counter() - pending.started
         verdicts = ordered_verdicts(gens)
-        default = self.cfg.default_score if self.cfg.on_unparsable == "default" else None
-        rewards, unparsable = judge_rewards(verdicts, self.pattern, self.cfg.min_score, self.cfg.max_score, default)
+        rewards, unparsable = self.judge.rewards(verdicts)
         self.last_verdicts = verdicts
-        return (self.cfg.weight * torch.tensor(rewards, dtype=torch.float32),
+        return (torch.tensor(rewards, dtype=torch.float32),
                 {"timing/judge_s": seconds, "reward/judge_unparsable": float(unparsable)})
 
 

@@ -4,7 +4,8 @@
 
 lo, hi = ``reward.judge.min_score``, ``max_score``. A verdict without a match raises ``RewardError`` naming the sample
 (``on_unparsable: error``) or scores ``default_score`` and is counted (``default``). Pure Python: the engines that
-write the verdicts are ``JudgeScorer``'s (``controller/reward_scoring.py``); nothing here imports ray or vllm.
+write the verdicts are ``JudgeScorer``'s (``controller/reward_scoring.py``) in training and the reward server's
+(``rewards/judge_engine.py``); both go through ``PointwiseJudge``. Nothing here imports ray or vllm.
 """
 
 from __future__ import annotations
@@ -13,9 +14,13 @@ import math
 import os
 import re
 import string
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional
 
 from rlhf_ray.rewards.base import RewardError
+
+if TYPE_CHECKING:
+    from rlhf_ray.config.job_sections import JudgeConfig
 
 TEMPLATE_FIELDS = ("prompt", "response", "reference")
 """The placeholders a judge template may use; ``{response}`` is required."""
@@ -86,15 +91,62 @@ def judge_rewards(verdicts: list[str], pattern: "re.Pattern[str]", min_score: fl
         score = parse_score(verdict, pattern)
         if score is None:
             if default_score is None:
+                # public: what the reward server may tell a client (the verdict can quote the sample's text)
                 raise RewardError(
                     f"reward.judge: the verdict on sample {b} has no score matching {pattern.pattern!r}: "
                     f"{verdict[:200]!r} (fix the template or score_pattern, or set reward.judge.on_unparsable: "
-                    "default with a default_score)")
+                    "default with a default_score)",
+                    public=f"reward.judge: the verdict on sample {b} has no score matching {pattern.pattern!r} "
+                           "(on_unparsable: error; the verdict is in the server's log)")
             unparsable += 1
             score = default_score
         score = min(max(score, min_score), max_score)
         rewards.append((score - min_score) / (max_score - min_score))
     return rewards, unparsable
+
+
+@dataclass(frozen=True)
+class PointwiseJudge:
+    """``reward.judge`` (pointwise) without its engine: the judge's prompt for each sample, and the rewards its
+    verdicts give. Shared by the training job's judge engines (``JudgeScorer``) and the reward server's
+    in-process judge (``rewards/judge_engine.py``), so both read and score verdicts the same way.
+
+        reward_b = weight * (clip(s_b, lo, hi) - lo) / (hi - lo)    (s_b = default_score when unparsable and
+                                                                     on_unparsable is default)
+    """
+
+    cfg: "JudgeConfig"
+    template: str
+    """``cfg.template`` as text, checked (``load_template``)."""
+    pattern: "re.Pattern[str]"
+    uses_reference: bool
+    """The template has a ``{reference}`` placeholder (filled from the row field ``cfg.reference_field``)."""
+
+    @staticmethod
+    def from_config(cfg: "JudgeConfig") -> "PointwiseJudge":
+        """The judge ``cfg`` describes; ``ConfigError`` naming the key for a bad template."""
+        template = load_template(cfg.template, cfg.reference_field)
+        names = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+        return PointwiseJudge(cfg, template, re.compile(cfg.score_pattern), "reference" in names)
+
+    def prompts(self, prompts: list[str], responses: list[str], row_fields: dict[str, list]) -> list[str]:
+        """The rendered judge prompt of each sample (B,), before any chat template. ``RewardError`` naming
+        ``reference_field`` when the template takes ``{reference}`` and the batch lacks that row field."""
+        refs: list[Any] = [None] * len(responses)
+        if self.uses_reference:
+            if self.cfg.reference_field not in row_fields:
+                message = (f"reward.judge.reference_field: the batch has no row field {self.cfg.reference_field!r} "
+                           f"for the template's {{reference}} (it has {sorted(row_fields)})")
+                raise RewardError(message, public=message)
+            refs = list(row_fields[self.cfg.reference_field])
+        return [render(self.template, p, r, ref) for p, r, ref in zip(prompts, responses, refs)]
+
+    def rewards(self, verdicts: list[str]) -> tuple[list[float], int]:
+        """(weight * scaled score of each verdict (B,), how many did not parse); ``RewardError`` naming the
+        first unparsable sample under ``on_unparsable: error`` (``judge_rewards``)."""
+        default = self.cfg.default_score if self.cfg.on_unparsable == "default" else None
+        scaled, unparsable = judge_rewards(verdicts, self.pattern, self.cfg.min_score, self.cfg.max_score, default)
+        return [self.cfg.weight * x for x in scaled], unparsable
 
 
 # ---- pairwise judging (online DPO) ------------------------------------------------------------------------------
