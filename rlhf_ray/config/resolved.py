@@ -147,9 +147,10 @@ class RolloutRoleSpec:
     trust_remote_code: bool
     rollout: RolloutConfig
     dtype: str
-    max_model_len: int
+    max_model_len: Optional[int]
     """``rollout.max_model_len``, or data.max_prompt_length + rollout.max_new_tokens (multi-turn: room for
-    ``max_turns`` responses and the observations between them, ``resolve._default_max_model_len``)."""
+    ``max_turns`` responses and the observations between them, ``resolve._default_max_model_len``). Always set in a
+    run; None only for the reward server's judge without ``reward.judge.max_model_len`` (the model's own length)."""
     sleep_mode: bool
     """vLLM's sleep mode is enabled (hybrid placement; used on GPU only)."""
     gpus: float

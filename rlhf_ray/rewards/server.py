@@ -1,10 +1,19 @@
-"""A small reference server that hosts any reward file over the protocol in :mod:`rlhf_ray.rewards.http`.
+"""A small reference server that hosts any reward file, or a generative judge, over the protocol in
+:mod:`rlhf_ray.rewards.http`.
 
 Run it next to the data a reward needs (a sandbox, a judge model, a database), then point the
 trainer at it with ``reward.functions: [http://host:8000/score]``::
 
     python -m rlhf_ray.rewards.server --reward examples/rewards/length_penalty.py --port 8000
     python -m rlhf_ray.rewards.server --reward my_rewards.py:code_reward --host 0.0.0.0 --port 8000
+    python -m rlhf_ray.rewards.server --judge examples/judges/tiny_cpu.yaml --port 8000
+
+``--judge`` takes a YAML file holding a ``reward.judge`` section (the schema and checks of a training config's, errors
+naming ``reward.judge.<key>`` and the file; or a training config, whose judge is served) and runs that judge model on
+a vLLM engine in this process (``rewards/judge_engine.py``): each request's samples are judged in one generate call
+and scored as in training, ``weight * (clip(s) - min_score) / (max_score - min_score)``; a verdict without a score
+answers 500 naming the sample (``on_unparsable: error``) or scores ``default_score`` (``default``). The port is bound
+before the model loads; "serving ..." is logged once it can score.
 
 ``POST`` (any path) scores a batch; ``GET /health`` answers ``{"status": "ok", "reward": name}``.
 A POST must carry ``Authorization: Bearer <token>`` (else 401), on every interface, loopback included (any local
@@ -17,7 +26,8 @@ user can reach a loopback port). The token comes from ``--token-file`` (an exist
 A request that is not a valid batch gets a 400, a reward that fails gets a 500 naming the function and
 what went wrong (type, sample index), so the trainer's error names the remote function too; prompts,
 responses, file paths and the raised message stay in the server's log. Requests are
-served on threads (``ThreadingHTTPServer``); the reward function must tolerate concurrent calls.
+served on threads (``ThreadingHTTPServer``); the reward function must tolerate concurrent calls (the judge's engine
+takes one batch at a time behind a lock, each waiting at most ``--timeout-s``).
 Run it with ``-m`` as above: started as ``python rlhf_ray/rewards/server.py``, the ``http.py``
 beside it would shadow the standard library's ``http`` package.
 """
@@ -200,12 +210,18 @@ def resolve_token(token_file: Optional[Path]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    """CLI: ``python -m rlhf_ray.rewards.server --reward path.py[:fn] [--host H] [--port N] [--timeout-s S]``."""
+    """CLI: ``python -m rlhf_ray.rewards.server (--reward path.py[:fn] | --judge judge.yaml) [--host H] [--port N]
+    [--timeout-s S]``."""
+    from rlhf_ray.config import ConfigError
     from rlhf_ray.config.schema import RewardConfig
     from rlhf_ray.rewards import build_reward_source
 
     p = argparse.ArgumentParser(prog="python -m rlhf_ray.rewards.server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--reward", required=True, help="path/file.py, path/file.py:func, or builtin:<name>")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--reward", help="path/file.py, path/file.py:func, or builtin:<name>")
+    what.add_argument("--judge", type=Path, help="a YAML file holding a reward.judge section (or a training config "
+                                                 "with one): that judge model, run here on vLLM, scores each batch")
+    p.add_argument("--trust-remote-code", action="store_true", help="--judge: let the judge model run its own code")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to accept other machines")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--timeout-s", type=float, default=RewardConfig.timeout_s,
@@ -218,17 +234,30 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         "because neither was given is written here (mode 0600)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    judge = None
+    if args.judge is not None:
+        from rlhf_ray.rewards.judge_engine import JudgeEngineReward, load_judge_config
+
+        try:  # before the token is printed and the model loaded: a bad file fails at once, naming the key
+            judge = JudgeEngineReward(load_judge_config(args.judge), lock_timeout_s=args.timeout_s,
+                                      trust_remote_code=args.trust_remote_code)
+        except ConfigError as exc:
+            p.error(str(exc))
     try:
         token = resolve_token(args.token_file)
     except ValueError as exc:
         p.error(str(exc))
-    source = build_reward_source(args.reward, args.timeout_s)
+    source = judge if judge is not None else build_reward_source(args.reward, args.timeout_s)
     server = make_server(source, args.timeout_s, token, args.host, args.port, int(args.max_body_mb * 2**20),
                          args.read_timeout_s, args.max_concurrent)
     host, port = server.server_address[:2]
-    log.info("serving %s on http://%s:%s (POST a batch with the bearer token; GET /health)", source.describe(), host,
-             port)
     try:
+        if judge is not None:
+            # Bound first (a port in use fails before minutes of loading); "serving" is logged once it can score.
+            log.info("loading the judge %s on vLLM (clients wait in the listen queue meanwhile)", judge.cfg.model)
+            log.info("judge loaded in %.1f s", judge.start())
+        log.info("serving %s on http://%s:%s (POST a batch with the bearer token; GET /health)", source.describe(),
+                 host, port)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -150,13 +150,19 @@ def test_quickstart_demo_runs(demo_run):
 
 
 def test_reward_server_command_serves(scratch):
-    """The README's reward-server command, on a free port instead of its example port."""
+    """The README's reward-server commands (a reward file; the tiny random model as a judge, on vLLM), each on a
+    free port instead of its example port. The judge's scoring is checked verdict by verdict in
+    test_judge_server.py."""
     import json
     import time
     import urllib.request
 
     cmds = [c for c in readme_commands() if c.startswith("python -m rlhf_ray.rewards.server")]
-    assert cmds
+    assert cmds and any("--judge" in c for c in cmds)
+    if not (scratch / "runs" / "tiny-model").exists():  # the judge's model; test_every_rlhf_ray_command_runs makes it
+        from rlhf_ray.models.tiny import make_tiny_model
+
+        make_tiny_model(scratch / "runs" / "tiny-model")
     for cmd in cmds:
         argv = shlex.split(re.sub(r"--port \d+", "--port 0", cmd))
         env = {k: v for k, v in os.environ.items() if k != "RLHF_RAY_REWARD_TOKEN"} | {"PYTHONPATH": str(REPO)}
@@ -174,7 +180,10 @@ def test_reward_server_command_serves(scratch):
                     with urllib.request.urlopen(urllib.request.Request(
                             f"http://127.0.0.1:{port}/score", data=body, method="POST",
                             headers={"Authorization": f"Bearer {token}"}), timeout=5) as resp:
-                        assert len(json.loads(resp.read())["rewards"]) == 1
+                        rewards = json.loads(resp.read())["rewards"]
+                    assert len(rewards) == 1
+                    # the tiny judge (weight 1): a digit d in its verdict scores d / 9, none the default 4.5 / 9
+                    assert "--judge" not in cmd or 0.0 <= rewards[0] <= 1.0, rewards
                     break
                 except OSError:
                     assert time.monotonic() < deadline

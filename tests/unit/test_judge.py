@@ -1,10 +1,13 @@
 """The generative judge (reward.judge, RLAIF): config checks naming the key, the template, score parsing and
 scaling, unparsable verdicts (an error naming the sample, or the default counted), the judge role in the plan,
-and RewardScorer adding the judge's scores with its metrics (engines faked)."""
+and RewardScorer adding the judge's scores with its metrics (engines faked); the reward server's judge: its file,
+its CLI errors, its engine lock (the served judge end to end: tests/e2e/test_judge_server.py)."""
 
 from __future__ import annotations
 
 import re
+import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -246,3 +249,145 @@ def test_pairwise_config_errors_name_the_key(over, message):
 def test_pairwise_judge_alone_resolves_for_online_dpo():
     r = resolve(cfg(**{"job": "online_dpo", "reward.judge.model": "j", "reward.judge.pairwise": True}))
     assert "judge" in [s.name for s in r.roles]
+
+
+# ---- the reward server's judge (python -m rlhf_ray.rewards.server --judge) ---------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_pointwise_judge_renders_with_the_reference_and_scores_with_the_weight():
+    from rlhf_ray.config.job_sections import JudgeConfig
+    from rlhf_ray.rewards.judge import PointwiseJudge
+
+    judge = PointwiseJudge.from_config(JudgeConfig(
+        model="j", template="{prompt}|{reference}|{response}", reference_field="answer", weight=3.0, min_score=0.0,
+        max_score=4.0, on_unparsable="default", default_score=2.0))
+    assert judge.prompts(["p0", "p1"], ["r0", "r1"], {"answer": [1, None]}) == ["p0|1|r0", "p1||r1"]
+    # 3 * (s - 0) / 4: 4 -> 3, 1 -> 0.75, unparsable -> default 2 -> 1.5
+    assert judge.rewards(["Score: 4", "Score: 1", "?"]) == (pytest.approx([3.0, 0.75, 1.5], abs=1e-9), 1)
+    with pytest.raises(RewardError, match=r"reward.judge.reference_field: the batch has no row field 'answer'") as info:
+        judge.prompts(["p"], ["r"], {"other": ["x"]})
+    assert info.value.public == str(info.value)  # names no sample text: the server may send it as is
+
+
+def test_pointwise_judge_without_reference_in_its_template_needs_no_row_field():
+    from rlhf_ray.config.job_sections import JudgeConfig
+    from rlhf_ray.rewards.judge import PointwiseJudge
+
+    judge = PointwiseJudge.from_config(JudgeConfig(model="j", template="{prompt}: {response} {{x}}",
+                                                   reference_field="answer"))
+    assert judge.prompts(["p"], ["r"], {}) == ["p: r {x}"]
+
+
+def test_unparsable_error_has_a_public_message_without_the_verdict():
+    with pytest.raises(RewardError) as info:
+        judge_rewards(["Score: 3", "secret rambling"], PATTERN, 1.0, 10.0, default_score=None)
+    assert "sample 1" in info.value.public and "secret" not in info.value.public
+    assert "secret rambling" in str(info.value)  # the whole story stays in the server's log
+
+
+def judge_file(tmp_path, text: str):
+    path = tmp_path / "judge.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_judge_file_is_a_judge_section_or_a_training_config(tmp_path):
+    from rlhf_ray.rewards.judge_engine import load_judge_config
+
+    cfg = load_judge_config(judge_file(tmp_path, "model: hub/judge\nmax_new_tokens: 8\nweight: 0.5\n"))
+    assert (cfg.model, cfg.max_new_tokens, cfg.weight, cfg.on_unparsable) == ("hub/judge", 8, 0.5, "error")
+    tiny = load_judge_config(REPO / "examples" / "judges" / "tiny_cpu.yaml")  # the README's command's file
+    assert (tiny.model, tiny.score_pattern, tiny.on_unparsable, tiny.default_score) == (
+        "runs/tiny-model", r"(\d)", "default", 4.5)
+    run = load_judge_config(REPO / "examples" / "grpo_judge_7b_8gpu.yaml")  # a training config: its judge
+    assert (run.model, run.tensor_parallel_size, run.weight) == ("Qwen/Qwen2.5-7B-Instruct", 2, 0.5)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("model: j\nmax_new_token: 8\n", r"--judge .*judge.yaml: unknown config key 'reward.judge.max_new_token'. "
+                                     r"Did you mean 'max_new_tokens'\?"),
+    ("model: j\nmin_score: high\n", r"reward.judge.min_score: expected a number, got 'high'"),
+    ("model: j\nmin_score: 5\nmax_score: 5\n", r"reward.judge.max_score: must be > min_score"),
+    ("model: j\non_unparsable: default\n", r"reward.judge.default_score: on_unparsable: default needs"),
+    ("model: j\ntemplate: no placeholder\n", r"reward.judge.template: needs a \{response\}"),
+    ("template: '{response}'\n", r"reward.judge.model: the path \(or hub name\) of the judge model to serve is "
+                                 "missing"),
+    ("model: /nonexistent/judge\n", r"reward.judge.model: /nonexistent/judge does not exist"),
+    ("model: j\npairwise: true\n", r"reward.judge.pairwise: the reward server scores each response on its own"),
+    ("reward:\n  functions: [builtin:math]\n", r"has a 'reward' section but no reward.judge mapping"),
+    ("- model: j\n", r"--judge .*judge.yaml: top level must be a reward.judge section"),
+])
+def test_judge_file_errors_name_the_file_and_the_key(tmp_path, text, message):
+    from rlhf_ray.rewards.judge_engine import load_judge_config
+
+    with pytest.raises(ConfigError, match=message):
+        load_judge_config(judge_file(tmp_path, text))
+
+
+def test_server_cli_refuses_a_bad_judge_file_before_loading_anything(tmp_path, capsys):
+    from rlhf_ray.rewards.server import main
+
+    for argv, message in [
+        (["--judge", str(tmp_path / "missing.yaml")], f"--judge: {tmp_path / 'missing.yaml'} does not exist"),
+        (["--judge", str(judge_file(tmp_path, "model: j\nscore_patern: x\n"))],
+         "unknown config key 'reward.judge.score_patern'. Did you mean 'score_pattern'?"),
+        (["--judge", "j.yaml", "--reward", "builtin:math"], "not allowed with argument"),
+    ]:
+        with pytest.raises(SystemExit) as info:
+            main([*argv, "--port", "0"])
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err, err
+
+
+class BlockingEngine:
+    """Generates once ``release`` is set (a batch that holds the judge), or raises ``fail``."""
+
+    def __init__(self, fail=None):
+        self.release, self.started, self.fail = threading.Event(), threading.Event(), fail
+
+    def generate(self, prompt_ids, spec):
+        self.started.set()
+        if self.fail is not None:
+            raise self.fail
+        assert self.release.wait(10)
+        return SimpleNamespace(prompt_index=np.arange(len(prompt_ids)), texts=["Score: 10"] * len(prompt_ids))
+
+
+def engine_reward(engine, lock_timeout_s=5.0, max_model_len=64):
+    from rlhf_ray.config.job_sections import JudgeConfig
+    from rlhf_ray.engines.rollout_engine import SamplingSpec
+    from rlhf_ray.rewards.judge_engine import JudgeEngineReward
+
+    source = JudgeEngineReward(JudgeConfig(model="j", template="{response}", max_new_tokens=4), lock_timeout_s)
+    # what start() sets up, with the engine and tokenizer given (their lock, lengths and errors are under test)
+    source.engine, source.tokenizer, source.max_model_len = engine, CharTokenizer(), max_model_len
+    source.sampling = SamplingSpec(n=1, temperature=0.0, max_tokens=4)
+    return source
+
+
+def test_engine_reward_takes_one_batch_at_a_time_and_a_waiting_one_gives_up_named():
+    engine = BlockingEngine()
+    source = engine_reward(engine, lock_timeout_s=0.2)
+    first: list = []
+    holder = threading.Thread(target=lambda: first.append(source.score(["p"], ["r"], {})))
+    holder.start()
+    assert engine.started.wait(10)
+    with pytest.raises(RewardError, match=r"judge: the engine was busy with another batch for 0.2 s"):
+        source.score(["p"], ["r"], {})
+    engine.release.set()
+    holder.join(10)
+    assert first == [[1.0]]  # Score: 10 on the default 1..10 scale, weight 1
+    assert source.score(["p"], ["r"], {}) == [1.0]  # the lock was released
+
+
+def test_engine_reward_names_a_prompt_too_long_and_a_failed_generation_without_the_samples():
+    source = engine_reward(BlockingEngine(fail=ValueError("bad prompt 'secret'")), max_model_len=10)
+    # CharTokenizer: one token per character; sample 1 has 7 + max_new_tokens 4 > 10
+    with pytest.raises(RewardError, match=r"the judge prompt of sample 1 is 7 tokens; with max_new_tokens 4 it "
+                                          r"does not fit the judge's 10"):
+        source.score(["p", "p"], ["ok", "toolong"], {})
+    with pytest.raises(RewardError, match="secret") as info:
+        source.score(["p"], ["ok"], {})
+    assert info.value.public == "judge: generation failed on a batch of 1 samples (ValueError; see the server's log)"
