@@ -429,11 +429,11 @@ def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
     transition), and online DPO's labels hold the sampled tokens only."""
     from rlhf_ray.algos.advantages import AdvantageParams, gae
     from rlhf_ray.algos.kl import kl_in_reward
-    from rlhf_ray.controller.online_dpo import sequence_example
+    from rlhf_ray.controller.online_dpo import pair_engine_sums, sequence_example
     from rlhf_ray.data.batching import IGNORE_INDEX
 
-    batch, _ = runner(lookup_env(tmp_path)).run(ScriptedEngines(copy_after_tool), prompts(1),
-                                                SamplingSpec(n=1, max_tokens=4), 0)
+    batch, gens = runner(lookup_env(tmp_path)).run(ScriptedEngines(copy_after_tool), prompts(1),
+                                                   SamplingSpec(n=1, max_tokens=4), 0)
     mask = batch.action_mask
     a, b, c = mask[0].nonzero().flatten().tolist()  # "k" | observation | "3", EOS
     assert b > a + 1 and c == b + 1
@@ -449,6 +449,10 @@ def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
     example = sequence_example(batch, 0)
     labelled = [t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
     assert labelled == [a + 1, b + 1, c + 1]  # input positions of "k", "3", EOS
+    # What online DPO checks the learners' sums against, sample 0 as both sides of a pair: 3 sampled tokens each
+    # (of a completion of c - a + 1 tokens, the observation's included), each at the engine's log-prob -0.5.
+    sums = pair_engine_sums(batch, gens, [(0, 0)])
+    assert sums == {"sampled_tokens": 6.0, "completion_tokens": 2.0 * (c - a + 1), "logps": 6 * -0.5}
 
 
 def test_environments_are_closed_at_the_end_and_when_an_error_stops_the_episodes(tmp_path):
