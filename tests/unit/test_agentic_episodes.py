@@ -286,6 +286,67 @@ def test_observation_tokens_are_what_the_template_adds_for_them():
     assert turns.observation_ids(conv, turn, obs, tools)[0] == tok.convert_tokens_to_ids("\n")
 
 
+MISTRAL_LIKE = (
+    # The rules of Mistral's v0.3 template that a tool loop meets: user / assistant alternate, leaving out tool results
+    # and call turns (rendered from their tool_calls); every call and result has a 9-character id.
+    "{%- set ns = namespace(index=0) %}{%- for m in messages %}"
+    "{%- if not (m.role == 'tool' or m.tool_calls is defined) %}"
+    "{%- if (m.role == 'user') != (ns.index % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{%- set ns.index = ns.index + 1 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{% if tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST] {{ m.content }}[/INST]"
+    "{%- elif m.tool_calls is defined %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+    "{%- if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{%- endif %}{{ c.function | tojson }}{% endfor %}]{{ eos_token }}"
+    "{%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}"
+    "{%- elif m.role == 'tool' %}{%- if m.tool_call_id is not defined or m.tool_call_id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+    '[TOOL_RESULTS] {"content": {{ m.content }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
+    "{%- endif %}{%- endfor %}")
+
+
+def test_a_mistral_tool_episode_renders_its_calls_and_results_with_ids(tmp_path):
+    """In the mistral format the call turn is recorded with its tool_calls and each result with its call's id, as
+    Mistral's template requires; without them the template refuses the conversation."""
+    tok = tokenizer_with(MISTRAL_LIKE)
+    path = tmp_path / "lookup.py"
+    path.write_text(textwrap.dedent('''
+        def k(row: dict) -> str:
+            """Read the secret.
+
+            Args:
+                row: the data row
+            """
+            return row["secret"]
+    '''))
+    env = tool_env_spec(load_tools([str(path)]), "mistral", 1.0)
+    call = '[{"name": "k", "arguments": {}}]'
+
+    def policy(context: str) -> list[int]:  # the call, then the result's digit and EOS
+        if "[TOOL_RESULTS]" not in context:
+            return ids(call) + [EOS]
+        return ids(context.rsplit('[TOOL_RESULTS] {"content": ', 1)[1][0]) + [EOS]
+
+    settings = EpisodeSettings(max_turns=3, max_model_len=512, on_env_error="raise", env_timeout_s=2.0,
+                               system_prompt=None, prompt_field="prompt", messages_field="messages")
+    batch, gens = EpisodeRunner(env, tok, settings).run(ScriptedEngines(policy), prompts(1),
+                                                        SamplingSpec(n=1, max_tokens=64), 0)
+    calls = [{"id": "t0001c000", "type": "function", "function": {"name": "k", "arguments": {}}}]
+    assert gens.trajectories.messages[0] == [
+        {"role": "assistant", "content": call, "tool_calls": calls},
+        {"role": "tool", "name": "k", "content": "3", "tool_call_id": "t0001c000"},
+        {"role": "assistant", "content": "3"}]
+    # The observation's tokens are the template's result turn, after the call as sampled; the answer is sampled.
+    observation = '[TOOL_RESULTS] {"content": 3, "call_id": "t0001c000"}[/TOOL_RESULTS]'
+    assert tok.decode(gens.token_ids[0], skip_special_tokens=False) == call + "<|im_end|>" + observation + "3<|im_end|>"
+    assert gens.trajectories.action_masks[0].tolist() == [1] * (len(call) + 1) + [0] * len(observation) + [1, 1]
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": call},
+             {"role": "tool", "name": "k", "content": "3"}]
+    with pytest.raises(TemplateError, match="Tool call IDs should be alphanumeric strings with length 9"):
+        ChatTurns(tok).render(plain, True)
+
+
 def test_templates_that_rewrite_earlier_turns_are_refused():
     # Drops the reasoning of assistant turns that are not the last message: rendering one more message changes
     # what came before, so no suffix continues the sampled tokens.
