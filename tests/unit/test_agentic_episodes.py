@@ -70,14 +70,15 @@ def prompts(n: int = 2) -> list[PromptExample]:
     return out
 
 
-def runner(env: EnvSpec, **overrides) -> EpisodeRunner:
+def runner(env: EnvSpec, tok=TOK, **overrides) -> EpisodeRunner:
     settings = dict(max_turns=3, max_model_len=512, on_env_error="raise", env_timeout_s=2.0, system_prompt=None,
                     prompt_field="prompt", messages_field="messages")
     settings.update(overrides)
-    return EpisodeRunner(env, TOK, EpisodeSettings(**settings))
+    return EpisodeRunner(env, tok, EpisodeSettings(**settings))
 
 
-def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
+def lookup_env_file(tmp_path):
+    """A tool file with ``k``, which returns the row's secret."""
     path = tmp_path / "lookup.py"
     path.write_text(textwrap.dedent('''
         def k(row: dict) -> str:
@@ -88,7 +89,11 @@ def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
             """
             return row["secret"]
     '''))
-    return tool_env_spec(load_tools([str(path)]), "fallback", timeout_s)
+    return path
+
+
+def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
+    return tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "fallback", timeout_s)
 
 
 def copy_after_tool(context: str) -> list[int]:
@@ -310,17 +315,7 @@ def test_a_mistral_tool_episode_renders_its_calls_and_results_with_ids(tmp_path)
     """In the mistral format the call turn is recorded with its tool_calls and each result with its call's id, as
     Mistral's template requires; without them the template refuses the conversation."""
     tok = tokenizer_with(MISTRAL_LIKE)
-    path = tmp_path / "lookup.py"
-    path.write_text(textwrap.dedent('''
-        def k(row: dict) -> str:
-            """Read the secret.
-
-            Args:
-                row: the data row
-            """
-            return row["secret"]
-    '''))
-    env = tool_env_spec(load_tools([str(path)]), "mistral", 1.0)
+    env = tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "mistral", 1.0)
     call = '[{"name": "k", "arguments": {}}]'
 
     def policy(context: str) -> list[int]:  # the call, then the result's digit and EOS
@@ -328,10 +323,7 @@ def test_a_mistral_tool_episode_renders_its_calls_and_results_with_ids(tmp_path)
             return ids(call) + [EOS]
         return ids(context.rsplit('[TOOL_RESULTS] {"content": ', 1)[1][0]) + [EOS]
 
-    settings = EpisodeSettings(max_turns=3, max_model_len=512, on_env_error="raise", env_timeout_s=2.0,
-                               system_prompt=None, prompt_field="prompt", messages_field="messages")
-    batch, gens = EpisodeRunner(env, tok, settings).run(ScriptedEngines(policy), prompts(1),
-                                                        SamplingSpec(n=1, max_tokens=64), 0)
+    _, gens = runner(env, tok).run(ScriptedEngines(policy), prompts(1), SamplingSpec(n=1, max_tokens=64), 0)
     calls = [{"id": "t0001c000", "type": "function", "function": {"name": "k", "arguments": {}}}]
     assert gens.trajectories.messages[0] == [
         {"role": "assistant", "content": call, "tool_calls": calls},
@@ -345,6 +337,35 @@ def test_a_mistral_tool_episode_renders_its_calls_and_results_with_ids(tmp_path)
              {"role": "tool", "name": "k", "content": "3"}]
     with pytest.raises(TemplateError, match="Tool call IDs should be alphanumeric strings with length 9"):
         ChatTurns(tok).render(plain, True)
+
+
+LLAMA3_LIKE = (
+    # Llama 3.1's layout: header-delimited turns, tools listed in the first user turn, a tool result rendered as an
+    # ipython turn (role tool or ipython).
+    "{%- for m in messages %}<|im_start|>{{ 'ipython' if m.role in ('tool', 'ipython') else m.role }}\n"
+    "{% if loop.first and tools %}Tools: {{ tools | tojson }}\n{% endif %}{{ m.content }}<|im_end|>{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_llama3_tool_episode_renders_its_results_as_ipython_turns(tmp_path):
+    """A llama3 call (the whole turn a JSON object) runs and its result comes back as a tool message, which a Llama 3
+    template renders as an ipython turn; the messages carry no ids (the template needs none)."""
+    tok = tokenizer_with(LLAMA3_LIKE)
+    env = tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "llama3", 1.0)
+    call = '{"name": "k", "parameters": {}}'
+
+    def policy(context: str) -> list[int]:  # the call, then the result's digit and EOS
+        if "<|im_start|>ipython" not in context:
+            return ids(call) + [EOS]
+        return ids(context.rsplit("<|im_start|>ipython\n", 1)[1][0]) + [EOS]
+
+    _, gens = runner(env, tok).run(ScriptedEngines(policy), prompts(1), SamplingSpec(n=1, max_tokens=64), 0)
+    assert gens.trajectories.messages[0] == [{"role": "assistant", "content": call},
+                                             {"role": "tool", "name": "k", "content": "3"},
+                                             {"role": "assistant", "content": "3"}]
+    observation = "<|im_start|>ipython\n3<|im_end|><|im_start|>assistant\n"
+    assert tok.decode(gens.token_ids[0], skip_special_tokens=False) == call + "<|im_end|>" + observation + "3<|im_end|>"
+    assert gens.trajectories.counts["tool_calls"].tolist() == [1.0]
 
 
 def test_templates_that_rewrite_earlier_turns_are_refused():
