@@ -9,7 +9,10 @@ Each round, read top to bottom in ``OnlineDPOLoop.step``:
                   the offline ``dpo`` objective and the losses of ``rlhf_ray.algos.preference``
     5. sync       the new weights into the engines
 
-Generation, scoring, weight sync, checkpoints and resume are ``RolloutLoop``'s; only the update differs.
+Generation, scoring, weight sync, checkpoints and resume are ``RolloutLoop``'s; only the update differs. With
+``rollout.env`` / ``rollout.tools`` a sample is a whole episode: its DPO log-prob sum counts the model's tokens only
+(the observations' labels are IGNORE_INDEX, ``sequence_example``), which each step's ``online_dpo/loss_tokens`` and
+``online_dpo/sampled_tokens`` show.
 Every round's pairs go into one optimizer step, each learner rank taking its share as one micro-batch
 (``learner.micro_batch_size x learner.num_workers >= algo.prompts_per_step``, checked at load).
 """
