@@ -16,7 +16,10 @@ the engine sampled) and runs after every model turn, the last one too (its rewar
 shown). The episode ends when ``step`` says ``done`` or after ``rollout.max_turns`` turns; its reward is the sum of
 the rewards ``step`` returned. An environment may count ``tool_calls`` and ``tool_errors`` in attributes of those
 names; they are logged (``env/tool_calls_mean``, ``env/tool_errors``). One with a ``tools`` attribute (JSON schemas)
-has them rendered into its prompt by the chat template (``tools=``).
+has them rendered into its prompt by the chat template (``tools=``). One with an ``assistant_message(text)`` method
+has each model turn, once ``step`` has taken it, recorded in the conversation as the message it returns instead of
+``{"role": "assistant", "content": text}`` (the tool environment adds the turn's ``tool_calls`` where the chat
+template needs them); the sampled tokens stay as they are.
 
 Every call gets ``rollout.env_timeout_s``. A call that raises, hangs or returns something else is a failure: the
 run stops with an ``EnvError`` naming the environment, the sample and the turn, or (``rollout.on_env_error:
@@ -133,6 +136,14 @@ def checked_step(value: Any) -> tuple[Optional[list[Message]], float, bool]:
                              "(return done True to end the episode)")
         return None, float(reward), True
     return as_messages(observation), float(reward), bool(done)
+
+
+def checked_assistant(value: Any) -> Message:
+    """What ``assistant_message`` returned, checked: a message of role ``assistant`` with string ``content`` (other
+    keys, e.g. ``tool_calls``, kept); ValueError saying what is wrong."""
+    if not isinstance(value, dict) or value.get("role") != "assistant" or not isinstance(value.get("content"), str):
+        raise ValueError(f"expected a dict with role 'assistant' and string 'content'; got {_show(value)}")
+    return dict(value)
 
 
 def _show(value: Any, limit: int = 80) -> str:

@@ -37,7 +37,8 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from rlhf_ray.agentic.env import Caller, EnvError, EnvSpec, as_messages, checked_step, is_async, load_env
+from rlhf_ray.agentic.env import (Caller, EnvError, EnvSpec, as_messages, checked_assistant, checked_step, is_async,
+                                  load_env)
 from rlhf_ray.agentic.trajectories import COUNTS, Trajectories
 from rlhf_ray.agentic.turns import ChatTurns
 
@@ -259,6 +260,14 @@ class EpisodeRunner:
             except ValueError as exc:
                 self.fail(e, f"step returned a bad value: {exc}", f"turn {e.turns}")
                 continue
+            shaped = getattr(e.env, "assistant_message", None)
+            if callable(shaped):  # the turn as the environment records it (e.g. with its tool_calls)
+                try:
+                    e.messages[-1] = checked_assistant(shaped(e.text))
+                except Exception as exc:  # noqa: BLE001 - the environment's own code
+                    self.fail(e, f"assistant_message raised or returned a bad value: {type(exc).__name__}: {exc}",
+                              f"turn {e.turns}")
+                    continue
             e.env_reward += reward
             if done:
                 e.done = True

@@ -7,20 +7,37 @@ sandbox (``rlhf_ray.agentic.sandbox``; refused at load where the sandbox cannot 
 may call. A parameter named ``row`` is filled with the sample's data row (every field) and left out of the schema,
 so a tool can read what the model must not see (a hidden answer, a database id).
 
-A model turn's tool calls are parsed in one of two formats (``rollout.tool_call_format``; auto picks hermes when the
-chat template mentions ``<tool_call>``, as Qwen2.5 / Qwen3 / Hermes templates do, else fallback)::
+A model turn's tool calls are parsed in the format of the model's chat template (``rollout.tool_call_format``; auto
+picks it from markers in the template's text, ``AUTO_MARKERS``: ``<tool_call>`` hermes, ``[TOOL_CALLS]`` mistral,
+``<|python_tag|>`` or the ``ipython`` role llama3, else fallback)::
 
-    hermes     <tool_call>{"name": "lookup", "arguments": {"key": "b"}}</tool_call>     (any number per turn)
+    hermes     <tool_call>{"name": "lookup", "arguments": {"key": "b"}}</tool_call>     (any number per turn;
+               Qwen2.5 / Qwen3, Hermes)
+    llama3     {"name": "lookup", "parameters": {"key": "b"}}                            (the whole turn, optionally
+               after <|python_tag|>; several separated by ";"; Llama 3.1 / 3.2 JSON tool calling)
+    mistral    [TOOL_CALLS][{"name": "lookup", "arguments": {"key": "b"}}, ...]          (a list; Mistral 7B v0.3,
+               Nemo, Small; text before [TOOL_CALLS] is the model's own)
     fallback   the turn's first line is a tool's name, alone or followed by its arguments: a JSON object, or for a
                tool with one parameter its value as plain text:
                    lookup {"key": "b"}        lookup b        clock
 
+``<|python_tag|>`` and ``[TOOL_CALLS]`` are special tokens in their tokenizers, and a turn's text is decoded without
+special tokens, so it usually lacks them: a llama3 turn that begins with ``{`` and a mistral turn that begins with a
+JSON list of objects (``[{``) are calls without their marker too; any other turn is the answer. (Mistral's newer
+``[TOOL_CALLS]name[ARGS]{...}`` form of v11+ tokenizers is not parsed.)
+
 Every call runs (the calls of a turn together), each within ``rollout.tool_timeout_s``; its result comes back as a
-``{"role": "tool", "name": ..., "content": ...}`` message (a str as is, anything else as JSON). A malformed call
-(bad JSON, an unknown tool, wrong arguments, a ``<tool_call>`` never closed), a tool that raises and one that times
-out each give the model an ``Error: ...`` tool message instead, and are counted (``env/tool_errors``); the run goes
-on. A turn with no tool call is the answer: the episode ends there, and ``reward.functions`` score it (this
-environment gives no reward of its own).
+``{"role": "tool", "name": ..., "content": ...}`` message (a str as is, anything else as JSON), which the chat
+template renders in its own markup (Llama 3's ``ipython`` turn, Mistral's ``[TOOL_RESULTS]``). Mistral's template
+pairs each result with its call by a 9-character id and renders a call turn from the message's ``tool_calls``: in
+that format the results carry ``tool_call_id`` and the call turn's message gets ``tool_calls``
+(``ToolEnv.assistant_message``).
+
+A malformed call (bad JSON, an unknown tool, arguments that are not an object or do not fit, a ``<tool_call>`` never
+closed, text after a llama3 / mistral call), a tool that raises and one that times out each give the model an
+``Error: ...`` tool message instead, and are counted (``env/tool_errors``); the run goes on. A turn with no tool call
+is the answer: the episode ends there, and ``reward.functions`` score it (this environment gives no reward of its
+own).
 """
 
 from __future__ import annotations
@@ -47,6 +64,9 @@ cannot run on this machine, checked at load). ``python_sandbox`` runs the model'
 ROW_PARAMETER = "row"
 """A tool parameter of this name gets the data row and is hidden from the model."""
 HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+LLAMA3_TAG = "<|python_tag|>"
+MISTRAL_TAG = "[TOOL_CALLS]"
+MISTRAL_LIST = re.compile(r"\s*\[\s*\{")
 
 
 @dataclass(frozen=True)
@@ -161,19 +181,61 @@ def parse_hermes(text: str, tools: dict[str, Tool]) -> list[Parsed]:
         except json.JSONDecodeError as exc:
             calls.append(BadCall(f"the tool call is not valid JSON ({exc.msg} at character {exc.pos}): {body[:200]}"))
             continue
-        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-            calls.append(BadCall('a tool call is a JSON object {"name": <tool>, "arguments": {...}}; got '
-                                 f"{body[:200]}"))
-            continue
-        args = data.get("arguments", data.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                pass
-        calls.append(_named(data["name"], args, tools))
+        calls.append(_call_object(data, body, "arguments", tools))
     if text.count("<tool_call>") > len(HERMES_CALL.findall(text)):
         calls.append(BadCall("a <tool_call> was not closed with </tool_call>"))
+    return calls
+
+
+def parse_llama3(text: str, tools: dict[str, Tool]) -> list[Parsed]:
+    """Llama 3.1 / 3.2 JSON tool calls: the turn (after ``<|python_tag|>`` when it shows one; text before the tag is
+    the model's own) is a JSON object ``{"name": ..., "parameters": {...}}`` (``arguments`` taken too), or several
+    separated by ``;``. A turn that does not begin with ``{`` calls nothing (it is the answer), unless it shows the
+    tag; what follows the calls and is not one is a bad call (the calls before it run)."""
+    tagged = LLAMA3_TAG in text
+    body = text.split(LLAMA3_TAG, 1)[1].strip() if tagged else text.strip()
+    if not body.startswith("{"):
+        return [BadCall(f'after {LLAMA3_TAG} a tool call is a JSON object {{"name": <tool>, "parameters": {{...}}}}; '
+                        f"got {body[:200]}")] if tagged else []
+    calls: list[Parsed] = []
+    decoder, at = json.JSONDecoder(), 0
+    while True:
+        while at < len(body) and (body[at].isspace() or body[at] == ";"):  # the separators between calls
+            at += 1
+        if at == len(body):
+            return calls
+        try:
+            data, end = decoder.raw_decode(body, at)
+        except json.JSONDecodeError as exc:
+            calls.append(BadCall(f"the tool call is not valid JSON ({exc.msg} at character {exc.pos - at}): "
+                                 f"{body[at:at + 200]}"))
+            return calls
+        calls.append(_call_object(data, body[at:end], "parameters", tools))
+        at = end
+
+
+def parse_mistral(text: str, tools: dict[str, Tool]) -> list[Parsed]:
+    """Mistral tool calls: ``[TOOL_CALLS]`` then a JSON list of ``{"name": ..., "arguments": {...}}`` (a single object
+    taken as a list of one; text before the marker is the model's own). A turn without the marker that begins with
+    a list of objects (``[{``) is a call list too; any other calls nothing. Text after the list is a bad call (the
+    calls before it run)."""
+    if MISTRAL_TAG in text:
+        body = text.split(MISTRAL_TAG, 1)[1].strip()
+    elif MISTRAL_LIST.match(text):
+        body = text.strip()
+    else:
+        return []
+    try:
+        data, end = json.JSONDecoder().raw_decode(body)
+    except json.JSONDecodeError as exc:
+        return [BadCall(f"the tool calls are not valid JSON ({exc.msg} at character {exc.pos}): {body[:200]}")]
+    items = data if isinstance(data, list) else [data]
+    calls = [_call_object(item, json.dumps(item, ensure_ascii=False), "arguments", tools) for item in items]
+    if not items:
+        calls.append(BadCall(f'{MISTRAL_TAG} is followed by an empty list; give [{{"name": <tool>, "arguments": '
+                             '{...}}, ...]'))
+    if body[end:].strip():
+        calls.append(BadCall(f"text after the list of tool calls: {body[end:].strip()[:200]}"))
     return calls
 
 
@@ -206,6 +268,20 @@ def parse_fallback(text: str, tools: dict[str, Tool]) -> list[Parsed]:
         return [BadCall(f"{rest[:50]!r} is not a {kind} (the {param} of {name})")]
 
 
+def _call_object(data: Any, body: str, key: str, tools: dict[str, Tool]) -> Parsed:
+    """One call's decoded JSON: ``{"name": <tool>, key: {...}}`` (``arguments`` / ``parameters`` either way, an
+    object or a JSON string of one; none: no arguments); ``body`` is the call's text, quoted when it is bad."""
+    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+        return BadCall(f'a tool call is a JSON object {{"name": <tool>, "{key}": {{...}}}}; got {body[:200]}')
+    args = data.get("arguments", data.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            pass  # a string that is not JSON: named as arguments that are not an object
+    return _named(data["name"], args, tools)
+
+
 def _named(name: str, args: Any, tools: dict[str, Tool]) -> Parsed:
     if name not in tools:
         return BadCall(f"there is no tool {name!r}; the tools are {', '.join(tools)}")
@@ -215,14 +291,29 @@ def _named(name: str, args: Any, tools: dict[str, Tool]) -> Parsed:
 
 
 CALL_PARSERS: dict[str, Callable[[str, dict[str, Tool]], list[Parsed]]] = {
-    "hermes": parse_hermes, "fallback": parse_fallback}
+    "hermes": parse_hermes, "llama3": parse_llama3, "mistral": parse_mistral, "fallback": parse_fallback}
+"""The formats of ``rollout.tool_call_format`` (besides auto)."""
+AUTO_MARKERS: tuple[tuple[str, str], ...] = (
+    ("<tool_call>", "hermes"), (MISTRAL_TAG, "mistral"), (LLAMA3_TAG, "llama3"), ("ipython", "llama3"))
+"""auto: the first format whose marker the chat template's text holds. Hermes first: a Hermes template for a Llama
+base model may mention ``ipython`` too; Llama 3.2's template has the ``ipython`` role but no ``<|python_tag|>``."""
+CALL_IDS = ("mistral",)
+"""The formats whose chat template pairs each tool result with its call by id (``ToolEnv.assistant_message``)."""
 
 
 def call_format(setting: str, tokenizer: Any) -> str:
-    """``rollout.tool_call_format`` resolved: auto is hermes when the chat template writes ``<tool_call>``."""
+    """``rollout.tool_call_format`` resolved: auto is the format of the first of ``AUTO_MARKERS`` in the chat template
+    (a tokenizer with several named templates: any of them), else fallback. ValueError naming the key for an
+    unknown format."""
     if setting != "auto":
+        if setting not in CALL_PARSERS:
+            raise ValueError(f"rollout.tool_call_format: unknown format {setting!r}; formats: auto, "
+                             f"{', '.join(CALL_PARSERS)}")
         return setting
-    return "hermes" if "<tool_call>" in (getattr(tokenizer, "chat_template", None) or "") else "fallback"
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates (e.g. "default" and "tool_use")
+        template = "\n".join(str(t) for t in template.values())
+    return next((fmt for marker, fmt in AUTO_MARKERS if marker in template), "fallback")
 
 
 # ---- running calls ------------------------------------------------------------------------------------------
@@ -295,22 +386,41 @@ class ToolEnv:
         self.by_name = {t.name: t for t in tools}
         self.tools = [t.schema for t in tools]
         self.parse = CALL_PARSERS[call_format]
+        self.with_ids = call_format in CALL_IDS
         self.timeout_s = timeout_s
         self.row: dict = {}
-        self.tool_calls = self.tool_errors = 0
+        self.tool_calls = self.tool_errors = self.turns = 0
+        self.last_calls: list[dict] = []
+        """The last turn's calls as a chat message's ``tool_calls`` (formats of ``CALL_IDS`` only)."""
 
     def reset(self, row: dict) -> Optional[list[Message]]:
         self.row = row
         return None  # the row's prompt (rendered with the tools)
 
     def step(self, response: str) -> tuple[Optional[list[Message]], float, bool]:
+        self.turns += 1
+        self.last_calls = []
         calls = self.parse(response, self.by_name)
         if not calls:
             return None, 0.0, True
         results = run_calls(calls, self.by_name, self.row, self.timeout_s)
         self.tool_calls += len(results)
         self.tool_errors += sum(bad for _, bad in results)
-        return [message for message, _ in results], 0.0, False
+        messages = [message for message, _ in results]
+        if self.with_ids:
+            for i, (call, message) in enumerate(zip(calls, messages)):
+                call_id = f"t{self.turns:04d}c{i:03d}"  # Mistral's ids: 9 letters or digits
+                message["tool_call_id"] = call_id
+                name, args = (call.name, call.arguments) if isinstance(call, ToolCall) else ("", {})
+                self.last_calls.append({"id": call_id, "type": "function",
+                                        "function": {"name": name, "arguments": args}})
+        return messages, 0.0, False
+
+    def assistant_message(self, text: str) -> Message:
+        """The message the last turn becomes in the conversation (see ``env``): its text, with its calls as
+        ``tool_calls`` (the ids its results carry) in a format of ``CALL_IDS``, whose template renders a call turn
+        from them and refuses a result whose call it cannot find."""
+        return {"role": "assistant", "content": text, **({"tool_calls": self.last_calls} if self.last_calls else {})}
 
 
 def tool_env_spec(tools: list[Tool], call_format_name: str, timeout_s: float) -> EnvSpec:

@@ -86,10 +86,13 @@ class RolloutConfig:
     (``env/failed``)."""
     tool_timeout_s: float = 30.0
     """Seconds one tool call may take; a slower call is abandoned and the model gets an error message instead."""
-    tool_call_format: Literal["auto", "hermes", "fallback"] = "auto"
+    tool_call_format: Literal["auto", "hermes", "llama3", "mistral", "fallback"] = "auto"
     """How tool calls are written (``rlhf_ray.agentic.tools``). hermes: ``<tool_call>{"name": ..., "arguments":
-    {...}}</tool_call>`` (Qwen, Hermes); fallback: a first line ``name`` or ``name <arguments>``; auto: hermes when
-    the chat template mentions ``<tool_call>``, else fallback."""
+    {...}}</tool_call>`` (Qwen2.5 / Qwen3, Hermes); llama3: the turn is ``{"name": ..., "parameters": {...}}``,
+    optionally after ``<|python_tag|>`` (Llama 3.1 / 3.2); mistral: ``[TOOL_CALLS][{"name": ..., "arguments":
+    {...}}, ...]`` (its results paired with their calls by id, as Mistral's template requires); fallback: a first
+    line ``name`` or ``name <arguments>``; auto: the format whose marker the chat template holds (``<tool_call>``
+    hermes, ``[TOOL_CALLS]`` mistral, ``<|python_tag|>`` or the ``ipython`` role llama3), else fallback."""
 
     @property
     def multi_turn(self) -> bool:

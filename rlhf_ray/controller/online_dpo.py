@@ -9,7 +9,10 @@ Each round, read top to bottom in ``OnlineDPOLoop.step``:
                   the offline ``dpo`` objective and the losses of ``rlhf_ray.algos.preference``
     5. sync       the new weights into the engines
 
-Generation, scoring, weight sync, checkpoints and resume are ``RolloutLoop``'s; only the update differs.
+Generation, scoring, weight sync, checkpoints and resume are ``RolloutLoop``'s; only the update differs. With
+``rollout.env`` / ``rollout.tools`` a sample is a whole episode: its DPO log-prob sum counts the model's tokens only
+(the observations' labels are IGNORE_INDEX, ``sequence_example``), which each step's ``online_dpo/loss_tokens`` and
+``online_dpo/sampled_tokens`` show.
 Every round's pairs go into one optimizer step, each learner rank taking its share as one micro-batch
 (``learner.micro_batch_size x learner.num_workers >= algo.prompts_per_step``, checked at load).
 """
@@ -65,6 +68,23 @@ def judge_candidates(rewards: torch.Tensor, group_index: torch.Tensor, responses
     return pairs, ties
 
 
+def pair_engine_sums(batch, gens, pairs: list[tuple[int, int]]) -> dict[str, float]:
+    """What the engines sampled in the pairs' sequences (chosen and rejected together), the counts the learners'
+    DPO log-prob sums must match, over b in the pairs' rows:
+
+        sampled_tokens    = sum_b sum_t action_mask[b, t]                     (the model's tokens only)
+        completion_tokens = sum_b len(completion_b)                           (multi-turn: observations too)
+        logps             = sum_b sum_t rollout_logprobs[b, t] * action_mask[b, t]
+
+    batch: a ``RolloutBatch`` (action_mask, rollout_logprobs: (B, T-1)); gens: its ``Generations``
+    (token_ids[b]: row b's completion)."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    mask = batch.action_mask[rows]
+    return {"sampled_tokens": float(mask.sum()),
+            "completion_tokens": float(sum(len(gens.token_ids[b]) for b in rows)),
+            "logps": float((batch.rollout_logprobs[rows] * mask).sum())}
+
+
 def sequence_example(batch, b: int) -> dict[str, list[int]]:
     """Row ``b`` of a rollout batch as ``{"input_ids", "labels"}`` with labels IGNORE_INDEX off the response."""
     n = int(batch.attention_mask[b].sum())
@@ -114,7 +134,7 @@ class OnlineDPOLoop(RolloutLoop):
         # 4. update (skipped, and said so, when too few prompts had a better and a worse sample)
         with timer("train"):
             if len(pairs) >= self.policy.world:
-                metrics.update(self.dpo_update(batch, pairs, timer))
+                metrics.update(self.dpo_update(batch, pairs, timer, pair_engine_sums(batch, gens, pairs)))
             metrics["online_dpo/update_skipped"] = float(len(pairs) < self.policy.world)
 
         # 5. sync
@@ -122,8 +142,16 @@ class OnlineDPOLoop(RolloutLoop):
             sync = self.publish_weights()
         return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
 
-    def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer) -> dict[str, float]:
-        """One optimizer step of ``DPOLoss`` on ``pairs``, each rank's share as one two-halves micro-batch."""
+    def dpo_update(self, batch, pairs: list[tuple[int, int]], timer: PhaseTimer, engine: dict[str, float]
+                   ) -> dict[str, float]:
+        """One optimizer step of ``DPOLoss`` on ``pairs``, each rank's share as one two-halves micro-batch.
+
+        Besides the loss terms: the tokens the learners' log-prob sums counted (``online_dpo/loss_tokens``) next to
+        the tokens the engines sampled in those sequences and their whole completions (``engine``, from
+        ``pair_engine_sums``): multi-turn, the first two are equal and below the third (observations outside the
+        loss). Where the engines' log-probs are the policy's own (temperature 1, no top-p / top-k), the gap
+        ``online_dpo/logprob_diff_learner_vllm`` = |sum learner log-probs - sum engine log-probs| / sampled tokens
+        over the pairs, the learners' taken before the update (one optimizer step, after the forward)."""
         world, pad = self.policy.world, self.tokenizer.pad_token_id
         shares = [pairs[r::world] for r in range(world)]
         per_rank = [[pad_batch([sequence_example(batch, c) for c, _ in share]
@@ -138,7 +166,14 @@ class OnlineDPOLoop(RolloutLoop):
         ranks = self.policy.train_step(per_rank, self.loss, BatchTotals(sequences=len(pairs), grad_scale=world))
         s = merge_rank_metrics(ranks)
         n = s["pairs"]
-        return {"actor/dpo_loss": s["loss_sum"] / n, "actor/reward_accuracy": s["correct"] / n,
-                "actor/margin": (s["chosen_sum"] - s["rejected_sum"]) / n,
-                "actor/rewards_chosen": s["chosen_sum"] / n, "actor/rewards_rejected": s["rejected_sum"] / n,
-                "actor/grad_norm": s["grad_norm"], "actor/lr": s["lr"], "actor/skipped_updates": s["skipped_updates"]}
+        out = {"actor/dpo_loss": s["loss_sum"] / n, "actor/reward_accuracy": s["correct"] / n,
+               "actor/margin": (s["chosen_sum"] - s["rejected_sum"]) / n,
+               "actor/rewards_chosen": s["chosen_sum"] / n, "actor/rewards_rejected": s["rejected_sum"] / n,
+               "actor/grad_norm": s["grad_norm"], "actor/lr": s["lr"], "actor/skipped_updates": s["skipped_updates"],
+               "online_dpo/loss_tokens": s["tokens_sum"], "online_dpo/sampled_tokens": engine["sampled_tokens"],
+               "online_dpo/completion_tokens": engine["completion_tokens"]}
+        r = self.cfg.rollout
+        if r.temperature == 1.0 and r.top_p == 1.0 and r.top_k <= 0:  # else the engines' are processed log-probs
+            gap = abs(s["logps_chosen_sum"] + s["logps_rejected_sum"] - engine["logps"])
+            out["online_dpo/logprob_diff_learner_vllm"] = gap / max(engine["sampled_tokens"], 1.0)
+        return out

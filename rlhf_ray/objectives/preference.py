@@ -93,7 +93,9 @@ class DPOLoss:
 
     Implicit rewards (the metrics) are beta x the loss's chosen / rejected inputs: beta x (policy -
     reference) summed log-probs for DPO / IPO (per-token means with ``length_normalized``), beta x the average
-    log-prob for SimPO.
+    log-prob for SimPO. ``logps_chosen_sum`` / ``logps_rejected_sum`` are the policy's summed completion
+    log-probs before the update and ``tokens_sum`` the completion tokens they count (labels not IGNORE_INDEX),
+    both halves together: what online DPO checks against the engines' own counts and log-probs.
     """
 
     loss: str
@@ -135,7 +137,7 @@ class DPOLoss:
         metrics.update({"loss_sum": _sum(losses), "pairs": float(pc.numel()),
                         "correct": preference_accuracy(rc, rr).sum().item(), "chosen_sum": rc.sum().item(),
                         "rejected_sum": rr.sum().item(), "logps_chosen_sum": _sum(pc),
-                        "logps_rejected_sum": _sum(pr)})
+                        "logps_rejected_sum": _sum(pr), "tokens_sum": _sum(lengths)})
         return losses.sum() * totals.scale(totals.sequences), metrics
 
 

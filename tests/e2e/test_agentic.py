@@ -1,5 +1,6 @@
 """Multi-turn agentic RL end to end (``rlhf_ray.agentic``): vLLM CPU engines and DeepSpeed learners in Ray actors,
-episodes of several turns with a tool environment and with a user environment file."""
+episodes of several turns with a tool environment and with a user environment file, trained by GRPO, PPO and online
+DPO."""
 
 from __future__ import annotations
 
@@ -92,3 +93,46 @@ def test_ppo_trains_on_episodes_of_an_environment_that_is_the_only_reward(ray_cl
         assert abs(r["rollout/reward_mean"] - r["env/reward_mean"]) < 1e-6  # the environment is the only reward
     assert sum(r["env/failed"] for r in rows) > 0  # 16 prompts of the digits 0-9: some are odd
     _assert_synced_every_step(rows)
+
+
+def test_online_dpo_pairs_episodes_with_observations_outside_the_loss(ray_cluster, tiny_model_dir, tmp_path):
+    """job: online_dpo on episodes of the environment above (the only reward: 1 for a turn that says the row's
+    number): 4 samples per prompt, at most 3 turns of 4 tokens, a wrong turn answered "no" (an observation of ~20
+    tokens in the ChatML markup). A prompt's best and worst episodes make its pair; a missed episode (the rejected
+    side) always runs 3 turns with 2 observations, so every pair holds observation tokens.
+
+    The learners' DPO log-prob sums must count exactly the tokens the engines sampled in the pairs' sequences
+    (fewer than their completions hold), and equal the engines' own log-probs of them before the update (< 1e-3 per
+    token: an observation token counted, or a mask off by one, moves the sum by ~log(1/128) = -4.9 per token)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf_ray.jobs import get_job
+
+    env_file = tmp_path / "guess_env.py"
+    env_file.write_text(textwrap.dedent(GUESS_ENV))
+    out = tmp_path / "odpo-env"
+    cfg = load_config(REPO / "examples" / "online_dpo_tiny_cpu.yaml", values={
+        "model.path": tiny_model_dir, "train.output_dir": str(out), "data.apply_chat_template": True,
+        "data.max_prompt_length": 64,
+        "reward.functions": [], "rollout.env": str(env_file), "rollout.max_turns": 3, "rollout.max_new_tokens": 4,
+        "rollout.on_env_error": "zero_reward", "algo.total_steps": 3, "learner.num_workers": 1,
+        "learner.micro_batch_size": 16, "logging.progress_bar": False})
+    get_job("online_dpo").run(cfg)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        for key in ("env/turns_mean", "env/turns_max", "env/tool_calls_mean", "env/failed", "env/reward_mean"):
+            assert key in r, key
+        assert 1.0 <= r["env/turns_mean"] <= 3.0 and r["env/turns_max"] == 3.0
+        assert abs(r["rollout/reward_mean"] - r["env/reward_mean"]) < 1e-6  # the environment is the only reward
+    updated = [r for r in rows if r["online_dpo/update_skipped"] == 0]
+    assert updated, [(r["online_dpo/pairs"], r["online_dpo/ties_skipped"]) for r in rows]
+    for r in updated:
+        assert r["online_dpo/loss_tokens"] == r["online_dpo/sampled_tokens"], r
+        assert r["online_dpo/completion_tokens"] > r["online_dpo/sampled_tokens"] + 30 * r["online_dpo/pairs"], r
+        assert r["online_dpo/logprob_diff_learner_vllm"] < 1e-3, r
+    before = load_file(Path(tiny_model_dir) / "model.safetensors")
+    after = load_file(out / "final" / "model.safetensors")
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the policy did not change"

@@ -70,14 +70,15 @@ def prompts(n: int = 2) -> list[PromptExample]:
     return out
 
 
-def runner(env: EnvSpec, **overrides) -> EpisodeRunner:
+def runner(env: EnvSpec, tok=TOK, **overrides) -> EpisodeRunner:
     settings = dict(max_turns=3, max_model_len=512, on_env_error="raise", env_timeout_s=2.0, system_prompt=None,
                     prompt_field="prompt", messages_field="messages")
     settings.update(overrides)
-    return EpisodeRunner(env, TOK, EpisodeSettings(**settings))
+    return EpisodeRunner(env, tok, EpisodeSettings(**settings))
 
 
-def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
+def lookup_env_file(tmp_path):
+    """A tool file with ``k``, which returns the row's secret."""
     path = tmp_path / "lookup.py"
     path.write_text(textwrap.dedent('''
         def k(row: dict) -> str:
@@ -88,7 +89,11 @@ def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
             """
             return row["secret"]
     '''))
-    return tool_env_spec(load_tools([str(path)]), "fallback", timeout_s)
+    return path
+
+
+def lookup_env(tmp_path, timeout_s: float = 1.0) -> EnvSpec:
+    return tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "fallback", timeout_s)
 
 
 def copy_after_tool(context: str) -> list[int]:
@@ -286,6 +291,83 @@ def test_observation_tokens_are_what_the_template_adds_for_them():
     assert turns.observation_ids(conv, turn, obs, tools)[0] == tok.convert_tokens_to_ids("\n")
 
 
+MISTRAL_LIKE = (
+    # The rules of Mistral's v0.3 template that a tool loop meets: user / assistant alternate, leaving out tool results
+    # and call turns (rendered from their tool_calls); every call and result has a 9-character id.
+    "{%- set ns = namespace(index=0) %}{%- for m in messages %}"
+    "{%- if not (m.role == 'tool' or m.tool_calls is defined) %}"
+    "{%- if (m.role == 'user') != (ns.index % 2 == 0) %}{{ raise_exception('roles must alternate') }}{% endif %}"
+    "{%- set ns.index = ns.index + 1 %}{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' %}{% if tools %}[AVAILABLE_TOOLS] {{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}"
+    "[INST] {{ m.content }}[/INST]"
+    "{%- elif m.tool_calls is defined %}[TOOL_CALLS] [{% for c in m.tool_calls %}"
+    "{%- if c.id | length != 9 %}{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}"
+    "{%- endif %}{{ c.function | tojson }}{% endfor %}]{{ eos_token }}"
+    "{%- elif m.role == 'assistant' %} {{ m.content }}{{ eos_token }}"
+    "{%- elif m.role == 'tool' %}{%- if m.tool_call_id is not defined or m.tool_call_id | length != 9 %}"
+    "{{ raise_exception('Tool call IDs should be alphanumeric strings with length 9!') }}{%- endif %}"
+    '[TOOL_RESULTS] {"content": {{ m.content }}, "call_id": "{{ m.tool_call_id }}"}[/TOOL_RESULTS]'
+    "{%- endif %}{%- endfor %}")
+
+
+def test_a_mistral_tool_episode_renders_its_calls_and_results_with_ids(tmp_path):
+    """In the mistral format the call turn is recorded with its tool_calls and each result with its call's id, as
+    Mistral's template requires; without them the template refuses the conversation."""
+    tok = tokenizer_with(MISTRAL_LIKE)
+    env = tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "mistral", 1.0)
+    call = '[{"name": "k", "arguments": {}}]'
+
+    def policy(context: str) -> list[int]:  # the call, then the result's digit and EOS
+        if "[TOOL_RESULTS]" not in context:
+            return ids(call) + [EOS]
+        return ids(context.rsplit('[TOOL_RESULTS] {"content": ', 1)[1][0]) + [EOS]
+
+    _, gens = runner(env, tok).run(ScriptedEngines(policy), prompts(1), SamplingSpec(n=1, max_tokens=64), 0)
+    calls = [{"id": "t0001c000", "type": "function", "function": {"name": "k", "arguments": {}}}]
+    assert gens.trajectories.messages[0] == [
+        {"role": "assistant", "content": call, "tool_calls": calls},
+        {"role": "tool", "name": "k", "content": "3", "tool_call_id": "t0001c000"},
+        {"role": "assistant", "content": "3"}]
+    # The observation's tokens are the template's result turn, after the call as sampled; the answer is sampled.
+    observation = '[TOOL_RESULTS] {"content": 3, "call_id": "t0001c000"}[/TOOL_RESULTS]'
+    assert tok.decode(gens.token_ids[0], skip_special_tokens=False) == call + "<|im_end|>" + observation + "3<|im_end|>"
+    assert gens.trajectories.action_masks[0].tolist() == [1] * (len(call) + 1) + [0] * len(observation) + [1, 1]
+    plain = [{"role": "user", "content": "q"}, {"role": "assistant", "content": call},
+             {"role": "tool", "name": "k", "content": "3"}]
+    with pytest.raises(TemplateError, match="Tool call IDs should be alphanumeric strings with length 9"):
+        ChatTurns(tok).render(plain, True)
+
+
+LLAMA3_LIKE = (
+    # Llama 3.1's layout: header-delimited turns, tools listed in the first user turn, a tool result rendered as an
+    # ipython turn (role tool or ipython).
+    "{%- for m in messages %}<|im_start|>{{ 'ipython' if m.role in ('tool', 'ipython') else m.role }}\n"
+    "{% if loop.first and tools %}Tools: {{ tools | tojson }}\n{% endif %}{{ m.content }}<|im_end|>{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_llama3_tool_episode_renders_its_results_as_ipython_turns(tmp_path):
+    """A llama3 call (the whole turn a JSON object) runs and its result comes back as a tool message, which a Llama 3
+    template renders as an ipython turn; the messages carry no ids (the template needs none)."""
+    tok = tokenizer_with(LLAMA3_LIKE)
+    env = tool_env_spec(load_tools([str(lookup_env_file(tmp_path))]), "llama3", 1.0)
+    call = '{"name": "k", "parameters": {}}'
+
+    def policy(context: str) -> list[int]:  # the call, then the result's digit and EOS
+        if "<|im_start|>ipython" not in context:
+            return ids(call) + [EOS]
+        return ids(context.rsplit("<|im_start|>ipython\n", 1)[1][0]) + [EOS]
+
+    _, gens = runner(env, tok).run(ScriptedEngines(policy), prompts(1), SamplingSpec(n=1, max_tokens=64), 0)
+    assert gens.trajectories.messages[0] == [{"role": "assistant", "content": call},
+                                             {"role": "tool", "name": "k", "content": "3"},
+                                             {"role": "assistant", "content": "3"}]
+    observation = "<|im_start|>ipython\n3<|im_end|><|im_start|>assistant\n"
+    assert tok.decode(gens.token_ids[0], skip_special_tokens=False) == call + "<|im_end|>" + observation + "3<|im_end|>"
+    assert gens.trajectories.counts["tool_calls"].tolist() == [1.0]
+
+
 def test_templates_that_rewrite_earlier_turns_are_refused():
     # Drops the reasoning of assistant turns that are not the last message: rendering one more message changes
     # what came before, so no suffix continues the sampled tokens.
@@ -429,11 +511,11 @@ def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
     transition), and online DPO's labels hold the sampled tokens only."""
     from rlhf_ray.algos.advantages import AdvantageParams, gae
     from rlhf_ray.algos.kl import kl_in_reward
-    from rlhf_ray.controller.online_dpo import sequence_example
+    from rlhf_ray.controller.online_dpo import pair_engine_sums, sequence_example
     from rlhf_ray.data.batching import IGNORE_INDEX
 
-    batch, _ = runner(lookup_env(tmp_path)).run(ScriptedEngines(copy_after_tool), prompts(1),
-                                                SamplingSpec(n=1, max_tokens=4), 0)
+    batch, gens = runner(lookup_env(tmp_path)).run(ScriptedEngines(copy_after_tool), prompts(1),
+                                                   SamplingSpec(n=1, max_tokens=4), 0)
     mask = batch.action_mask
     a, b, c = mask[0].nonzero().flatten().tolist()  # "k" | observation | "3", EOS
     assert b > a + 1 and c == b + 1
@@ -449,6 +531,10 @@ def test_ppo_advantages_and_online_dpo_labels_cover_model_tokens_only(tmp_path):
     example = sequence_example(batch, 0)
     labelled = [t for t, label in enumerate(example["labels"]) if label != IGNORE_INDEX]
     assert labelled == [a + 1, b + 1, c + 1]  # input positions of "k", "3", EOS
+    # What online DPO checks the learners' sums against, sample 0 as both sides of a pair: 3 sampled tokens each
+    # (of a completion of c - a + 1 tokens, the observation's included), each at the engine's log-prob -0.5.
+    sums = pair_engine_sums(batch, gens, [(0, 0)])
+    assert sums == {"sampled_tokens": 6.0, "completion_tokens": 2.0 * (c - a + 1), "logps": 6 * -0.5}
 
 
 def test_environments_are_closed_at_the_end_and_when_an_error_stops_the_episodes(tmp_path):

@@ -1,5 +1,6 @@
-"""The tool environment: loading tool functions and their schemas, parsing calls in the Hermes and fallback
-formats, running them with timeouts, and the error observations a bad call gets instead of a crash."""
+"""The tool environment: loading tool functions and their schemas, parsing calls in the Hermes, Llama 3, Mistral and
+fallback formats (the format picked from the chat template's text), running them with timeouts, and the error
+observations a bad call gets instead of a crash."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 
 from rlhf_ray.agentic.tools import (BadCall, ToolCall, ToolEnv, call_format, load_tools, parse_fallback, parse_hermes,
-                                    run_calls)
+                                    parse_llama3, parse_mistral, run_calls)
 
 TOOLS = '''
     import time
@@ -131,13 +132,117 @@ def test_fallback_calls_are_the_first_lines_tool_name_and_its_arguments(tools):
     assert bad.problem.startswith("the arguments of add are not a valid JSON object")
 
 
-def test_the_format_follows_the_chat_template():
+def test_llama3_calls_are_the_turns_json_objects(tools):
+    # One call, the whole turn; "arguments" is taken for "parameters" too; the tag (when the text shows it) may
+    # follow the model's own words.
+    assert parse_llama3('{"name": "add", "parameters": {"a": 1, "b": 2}}', tools) == [ToolCall("add", {"a": 1, "b": 2})]
+    assert parse_llama3('<|python_tag|>{"name": "lookup", "arguments": {"key": "x"}}', tools) == [
+        ToolCall("lookup", {"key": "x"})]
+    assert parse_llama3('Let me look. <|python_tag|> {"name": "clock", "parameters": {}}', tools) == [
+        ToolCall("clock", {})]
+    # Several, separated by ";" (Llama 3.2); a parameters string holding JSON is decoded.
+    assert parse_llama3('{"name": "clock", "parameters": {}}; {"name": "add", "parameters": "{\\"a\\": 1, '
+                        '\\"b\\": 2}"}', tools) == [ToolCall("clock", {}), ToolCall("add", {"a": 1, "b": 2})]
+    # An answer: the turn does not begin with "{" and shows no tag.
+    assert parse_llama3("The answer is 4.", tools) == [] and parse_llama3("", tools) == []
+    assert parse_llama3('I would call {"name": "clock"}', tools) == []
+    (bad,) = parse_llama3('{"name": "add", "parameters": {"a": 1,', tools)  # 38 characters, cut after the ","
+    assert bad.problem.startswith("the tool call is not valid JSON (Expecting property name enclosed in double "
+                                  'quotes at character 38): {"name": "add"')
+    (bad,) = parse_llama3('{"name": "nope", "parameters": {}}', tools)
+    assert bad.problem == "there is no tool 'nope'; the tools are add, clock, lookup, slow"
+    (bad,) = parse_llama3('{"name": "add", "parameters": [1, 2]}', tools)
+    assert bad.problem == "the arguments of add must be a JSON object, got [1, 2]"
+    (bad,) = parse_llama3('{"function": "add"}', tools)
+    assert bad.problem == 'a tool call is a JSON object {"name": <tool>, "parameters": {...}}; got {"function": "add"}'
+    (bad,) = parse_llama3("<|python_tag|>print(1)", tools)
+    assert bad.problem.startswith('after <|python_tag|> a tool call is a JSON object {"name": <tool>, "parameters"')
+    # The calls before text that is not one still run; the text is named.
+    good, bad = parse_llama3('{"name": "clock", "parameters": {}} Done.', tools)
+    assert good == ToolCall("clock", {}) and bad.problem.startswith("the tool call is not valid JSON (Expecting "
+                                                                    "value at character 0): Done.")
+
+
+def test_mistral_calls_are_a_list_after_the_marker(tools):
+    assert parse_mistral('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}]', tools) == [
+        ToolCall("add", {"a": 1, "b": 2})]
+    # Several calls in the list, in order; text before the marker is the model's own.
+    assert parse_mistral('Checking. [TOOL_CALLS] [{"name": "lookup", "arguments": {"key": "x"}}, '
+                         '{"name": "clock", "arguments": {}}]', tools) == [ToolCall("lookup", {"key": "x"}),
+                                                                          ToolCall("clock", {})]
+    # The marker is a special token the decoded turn usually lacks: a turn that begins with a list of objects is
+    # a call list too; a single object after the marker is a list of one.
+    assert parse_mistral(' [{"name": "clock", "arguments": {}}]', tools) == [ToolCall("clock", {})]
+    assert parse_mistral('[TOOL_CALLS]{"name": "clock"}', tools) == [ToolCall("clock", {})]
+    assert parse_mistral("The answer is 4.", tools) == [] and parse_mistral("[1, 2]", tools) == []
+    (bad,) = parse_mistral('[TOOL_CALLS][{"name": "add", "arguments": {"a": 1}', tools)  # the list: 38 characters
+    assert bad.problem.startswith("the tool calls are not valid JSON (Expecting ',' delimiter at character 38)")
+    good, unknown, not_object, not_call = parse_mistral(
+        '[TOOL_CALLS][{"name": "clock", "arguments": {}}, {"name": "nope", "arguments": {}}, '
+        '{"name": "add", "arguments": "1 and 2"}, "add"]', tools)
+    assert good == ToolCall("clock", {})
+    assert unknown.problem == "there is no tool 'nope'; the tools are add, clock, lookup, slow"
+    assert not_object.problem == 'the arguments of add must be a JSON object, got "1 and 2"'
+    assert not_call.problem == 'a tool call is a JSON object {"name": <tool>, "arguments": {...}}; got "add"'
+    (empty,) = parse_mistral("[TOOL_CALLS][]", tools)
+    assert empty.problem.startswith("[TOOL_CALLS] is followed by an empty list")
+    good, trailing = parse_mistral('[TOOL_CALLS][{"name": "clock", "arguments": {}}] and then', tools)
+    assert good == ToolCall("clock", {}) and trailing.problem == "text after the list of tool calls: and then"
+
+
+def test_mistral_results_carry_the_ids_of_their_calls(tools):
+    """Mistral's chat template renders a call turn from the message's tool_calls, each with a 9-character id, and a
+    result only with the id of its call: the tool environment gives both."""
+    env = ToolEnv(list(tools.values()), "mistral", timeout_s=1.0)
+    env.reset({"table": {"k": "v"}})
+    turn = '[{"name": "lookup", "arguments": {"key": "k"}}, {"name": "nope", "arguments": {}}]'
+    obs, _, done = env.step(turn)
+    assert obs == [{"role": "tool", "name": "lookup", "content": "v", "tool_call_id": "t0001c000"},
+                   {"role": "tool", "content": "Error: there is no tool 'nope'; the tools are add, clock, lookup, "
+                                               "slow", "tool_call_id": "t0001c001"}] and not done
+    assert all(len(m["tool_call_id"]) == 9 and m["tool_call_id"].isalnum() for m in obs)
+    assert env.assistant_message(turn) == {"role": "assistant", "content": turn, "tool_calls": [
+        {"id": "t0001c000", "type": "function", "function": {"name": "lookup", "arguments": {"key": "k"}}},
+        {"id": "t0001c001", "type": "function", "function": {"name": "", "arguments": {}}}]}
+    obs, _, _ = env.step('[{"name": "clock", "arguments": {}}]')
+    assert obs[0]["tool_call_id"] == "t0002c000"
+    assert env.step("It is v.") == (None, 0.0, True)
+    assert env.assistant_message("It is v.") == {"role": "assistant", "content": "It is v."}  # no calls, no ids
+    # The other formats leave the messages as they were.
+    hermes = ToolEnv(list(tools.values()), "hermes", timeout_s=1.0)
+    obs, _, _ = hermes.step('<tool_call>{"name": "clock"}</tool_call>')
+    assert obs == [{"role": "tool", "name": "clock", "content": '{"h": 12}'}]
+    assert hermes.assistant_message("x") == {"role": "assistant", "content": "x"}
+
+
+@pytest.mark.parametrize("template, expected", [
+    ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>{% endfor %}", "fallback"),
+    ("{%- for tool in tools %}{{ tool | tojson }}{% endfor %} ... <tool_call>\n{{ tool_call | tojson }}</tool_call>",
+     "hermes"),
+    ("{%- if message.tool_calls %}[TOOL_CALLS] [{{ message.tool_calls | tojson }}]{%- endif %}[TOOL_RESULTS]",
+     "mistral"),
+    ("{%- if builtin_tools is defined %}<|python_tag|>{{ tool_call.name }}.call(){% endif %}", "llama3"),
+    ("{%- elif message.role == 'tool' or message.role == 'ipython' %}<|start_header_id|>ipython<|end_header_id|>",
+     "llama3"),  # Llama 3.2: the ipython role, no <|python_tag|>
+    ({"default": "{{ messages }}", "tool_use": "<tool_call>{{ tool_call }}</tool_call>"}, "hermes"),
+    (None, "fallback"),
+])
+def test_auto_picks_the_format_whose_marker_the_chat_template_holds(template, expected):
+    class Tok:
+        chat_template = template
+
+    assert call_format("auto", Tok()) == expected
+
+
+def test_a_named_format_is_used_as_is_and_an_unknown_one_is_refused():
     class Tok:
         chat_template = "... <tool_call> ..."
 
-    assert call_format("auto", Tok()) == "hermes" and call_format("fallback", Tok()) == "fallback"
-    Tok.chat_template = "{{ messages }}"
-    assert call_format("auto", Tok()) == "fallback" and call_format("hermes", Tok()) == "hermes"
+    assert call_format("fallback", Tok()) == "fallback" and call_format("llama3", Tok()) == "llama3"
+    assert call_format("mistral", Tok()) == "mistral" and call_format("hermes", Tok()) == "hermes"
+    with pytest.raises(ValueError, match="rollout.tool_call_format: unknown format 'json'; formats: auto, hermes, "
+                                         "llama3, mistral, fallback"):
+        call_format("json", Tok())
 
 
 def test_calls_run_together_and_failures_become_error_messages(tools):
