@@ -1,6 +1,6 @@
 """A generative judge hosted by the reward server: ``reward.judge`` on one vLLM engine in the server's process.
 
-    python -m rlhf_ray.rewards.server --judge examples/judge_server_tiny_cpu.yaml --port 8000
+    python -m rlhf_ray.rewards.server --judge examples/judges/tiny_cpu.yaml --port 8000
 
 The ``--judge`` file is a ``reward.judge`` section (the keys a training config's ``reward.judge`` takes, checked the
 same way, errors naming ``reward.judge.<key>`` and the file), or a whole training config whose ``reward.judge`` is
