@@ -380,15 +380,12 @@ def _check_placement(cfg: "Config") -> None:
 
 def _check_rollout_mode(cfg: "Config") -> None:
     """Overlapping generation with training needs a training rollout job and engines on their own devices;
-    DAPO's refills sample at step time, from group-relative advantages."""
+    DAPO's refills need group-relative advantages (any rollout mode: async refills as groups are scored)."""
     r = cfg.rollout
     if cfg.algo.filter_groups:
         if cfg.job != "grpo":
             raise ConfigError(f"algo.filter_groups: drops prompts whose samples' rewards are all equal, which carry "
                               f"no group-relative advantage; job {cfg.job} does not use one (use job grpo)")
-        if r.mode != "sync":
-            raise ConfigError(f"algo.filter_groups: refills a step's batch with new samples at step time, which "
-                              f"rollout.mode {r.mode} does not support yet (use rollout.mode sync)")
         if r.n_samples < 2:
             raise ConfigError("algo.filter_groups: a group of rollout.n_samples=1 never has differing rewards; "
                               "use n_samples >= 2")

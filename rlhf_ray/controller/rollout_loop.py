@@ -113,9 +113,12 @@ class RolloutLoop(TrainLoop):
         self.stream: Optional[RolloutStream] = None
         if self.cfg.rollout.mode == "async":
             r = self.cfg.rollout
+            a = self.cfg.algo
             self.stream = RolloutStream(roles.rollout, prompts, self.cursor, self.spec, self.scorer,
                                         tokenizer.pad_token_id, schedule.items_per_step, schedule.total_steps,
-                                        r.max_staleness, r.partial, self.sampling_seed, self.cfg.train.timeout_s)
+                                        r.max_staleness, r.partial, self.sampling_seed, self.cfg.train.timeout_s,
+                                        self.group_reference(),
+                                        a.max_filter_rounds if a.filter_groups else None)
         self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
         self.rows: list = []
         """Each sequence's prompt in the step's batch (for ``logging.rollouts``)."""
@@ -202,6 +205,11 @@ class RolloutLoop(TrainLoop):
         self.cursor.taken = int(state.get("prompts_taken", state["step"] * per_step))
         self.cursor.returned = [int(i) for i in state.get("prompts_returned", [])]
 
+    def group_reference(self) -> Optional[Callable[[Any], Any]]:
+        """What starts the reference forward of a chunk of finished groups in the async stream (so it runs as
+        samples finish); None: the step runs it, or the job has no reference on its rollouts."""
+        return None
+
     # ---- pieces of a step ---------------------------------------------------------------------------
     def sampling_seed(self, step: int, round_: int = 0) -> int:
         """The seed of ``step``'s sampling (round ``round_`` of its refills): a function of (engine seed, step,
@@ -255,7 +263,7 @@ class RolloutLoop(TrainLoop):
                 batch, gens = self.on_engines(sample)
                 version = self.engine_version
         batch.staleness = step - version
-        if self.one_step_off and step + 1 < self.schedule.total_steps and not round_:
+        if self.one_step_off and step + 1 < self.schedule.total_steps and not self.cfg.algo.filter_groups:
             self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
@@ -268,10 +276,10 @@ class RolloutLoop(TrainLoop):
         """Step 1: the step's samples as (batch, generations, each sequence's prompt, metrics). Scored already
         (``batch.rewards`` set, reward metrics included) when they are scored as they are sampled: DAPO's refills
         (``algo.filter_groups``) and the async stream; else the caller scores them, overlapping its forwards."""
-        if self.cfg.algo.filter_groups:
-            out = self.varied_batch(step, timer)
-        elif self.stream is not None:
+        if self.stream is not None:  # with algo.filter_groups too: the stream refills as it scores
             out = self.streamed_batch(step, timer)
+        elif self.cfg.algo.filter_groups:
+            out = self.varied_batch(step, timer)
         else:
             out = (*self.generate(timer, step), {})
         self.rows = out[2]
@@ -294,6 +302,8 @@ class RolloutLoop(TrainLoop):
         batch = batch_of([p.prompt_ids for p in prompts], gens, self.tokenizer.pad_token_id)
         rows = attach_prompts(batch, prompts)
         batch.rewards = torch.cat([g.rewards for g in groups])
+        if groups[0].ref_logprobs is not None:  # computed as the groups finished
+            batch.ref_logprobs = batch.from_actions([lp for g in groups for lp in g.ref_logprobs])
         ages = np.concatenate([[self.version - int(v.min()) if len(v) else 0 for v in g.versions] for g in groups])
         batch.staleness = int(ages.max())
         metrics = reward_means({k: torch.cat([g.parts[k] for g in groups]) for k in groups[0].parts})
@@ -301,6 +311,8 @@ class RolloutLoop(TrainLoop):
         metrics.update({"rollout/staleness_mean": float(ages.mean()),
                         "rollout/partial_samples": float(sum(g.continued for g in groups)),
                         "rollout/score_s": sum(g.score_s for g in groups)})
+        if batch.ref_logprobs is not None:
+            metrics["rollout/reference_s"] = sum(g.reference_s for g in groups)
         return batch, gens, rows, metrics
 
     def varied_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
@@ -308,16 +320,19 @@ class RolloutLoop(TrainLoop):
         whose rewards differ (``algos.filtering.varied_groups``), and sample the shortfall from the next prompts,
         for at most ``algo.max_filter_rounds`` more rounds; still short, the batch is topped up with dropped groups
         (zero advantage) so that its shape holds. Returns (batch with rewards, generations, rows, metrics): the
-        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts."""
+        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts.
+
+        One step off, round 0 is the batch the engines sampled during the previous step; the refills are sampled
+        now, by the same weights (the sync is deferred), and the engines start on the next step's batch after them."""
         from rlhf_ray.algos.filtering import varied_groups
         from rlhf_ray.controller.roles import batch_of
         from rlhf_ray.engines.rollout_engine import Generations
 
         need = B = self.schedule.items_per_step
-        kept, flat, metrics, seconds, round_, taken = [], [], {}, 0.0, 0, 0
+        kept, flat, metrics, seconds, round_, taken, staleness = [], [], {}, 0.0, 0, 0, 0
         while True:  # each group: (its prompt, its samples, their rewards)
             batch, gens, rows = self.generate(timer, step, need, round_)
-            taken += need
+            taken, staleness = taken + need, max(staleness, batch.staleness)
             scored = self.score(batch, rows, timer)
             metrics = metrics or scored  # the first round's: the step's own prompts, as sampled
             seconds += gens.seconds
@@ -333,6 +348,9 @@ class RolloutLoop(TrainLoop):
         merged = Generations.of_groups([samples for _, samples, _ in chosen], seconds)
         out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
         out.rewards = torch.cat([rewards for _, _, rewards in chosen])
+        out.staleness = staleness
+        if self.one_step_off and step + 1 < self.schedule.total_steps:
+            self.start_ahead(step + 1, timer)
         metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
                         "filter/kept_groups": float(min(len(kept), B)),
                         "filter/dropped_groups": float(len(flat)),
