@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -63,7 +64,8 @@ class Ahead:
     indices: list[int]
     """Their prompts' positions in the prompt set (taken from the cursor when the engines started on them)."""
     pending: Any
-    """A ``PendingGeneration`` (``result()`` -> batch, generations), or those already at hand (``Done``)."""
+    """A ``PendingGeneration`` (``result()`` -> batch, generations), the ``Future`` of a thread running multi-turn
+    episodes (the same result), or those already at hand (``Done``)."""
     version: int
     """The policy version (updates applied) of the weights that sampled them."""
 
@@ -128,6 +130,10 @@ class RolloutLoop(TrainLoop):
             from rlhf_ray.agentic.episodes import EpisodeRunner
 
             self.episodes = EpisodeRunner.from_resolved(resolved, tokenizer)
+        self.ahead_thread: Optional[ThreadPoolExecutor] = None
+        """One step off with episodes: the thread that drives the next batch's turns while the step trains."""
+        if self.episodes is not None and self.one_step_off:
+            self.ahead_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="episodes-ahead")
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -154,6 +160,8 @@ class RolloutLoop(TrainLoop):
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+        if self.ahead_thread is not None:
+            self.ahead_thread.shutdown(wait=False, cancel_futures=True)
 
     def save_files(self, directory: Path, step: int) -> None:
         """One step off: the batch the engines are generating for ``step`` (finished first), so that a resumed
@@ -366,6 +374,9 @@ class RolloutLoop(TrainLoop):
 
         def launch() -> Any:
             self.roles.rollout.reseed(self.sampling_seed(step))
+            if self.ahead_thread is not None:  # multi-turn: the turns need a driver; its future is the pending result
+                return self.ahead_thread.submit(self.episodes.run, self.roles.rollout, prompts, self.spec,
+                                                self.tokenizer.pad_token_id)
             return self.roles.rollout.generate_async([p.prompt_ids for p in prompts], self.spec,
                                                      self.tokenizer.pad_token_id)
 
