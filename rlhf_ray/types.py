@@ -72,6 +72,18 @@ class RolloutBatch:
         return RolloutBatch(input_ids=input_ids, attention_mask=attention_mask, action_mask=action_mask,
                             group_index=torch.as_tensor(group_index, dtype=torch.long), rollout_logprobs=logprobs)
 
+    def at_actions(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """Per sequence, the entries of a (B, T-1) tensor at its sampled tokens (``action_mask`` 1), in order."""
+        return [values[b][self.action_mask[b] > 0].clone() for b in range(self.size)]
+
+    def from_actions(self, per_sample: list[torch.Tensor]) -> torch.Tensor:
+        """The (B, T-1) tensor holding ``per_sample[b]`` at sequence b's sampled tokens and 0 elsewhere (the
+        inverse of ``at_actions``)."""
+        out = torch.zeros_like(self.action_mask)
+        for b, values in enumerate(per_sample):
+            out[b][self.action_mask[b] > 0] = values.to(out.dtype)
+        return out
+
     @property
     def response_lengths(self) -> torch.Tensor:
         """(B,) generated tokens per sequence."""

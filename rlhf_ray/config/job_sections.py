@@ -193,7 +193,7 @@ class AlgoConfig:
     total_steps: int = 20
     """Rollout steps (each = generate, score, update, sync)."""
     filter_groups: bool = False
-    """DAPO's dynamic sampling (job grpo, sync rollouts): a prompt whose samples all got the same reward gives
+    """DAPO's dynamic sampling (job grpo, any ``rollout.mode``): a prompt whose samples all got the same reward gives
     every one of them zero advantage; drop it and sample the next prompts until the step has
     ``prompts_per_step`` groups with differing rewards (counted in ``filter/*``). Prompts are taken in epoch
     order, so a step may take more than ``prompts_per_step`` of them."""

@@ -393,15 +393,12 @@ def _check_placement(cfg: "Config") -> None:
 
 def _check_rollout_mode(cfg: "Config") -> None:
     """Overlapping generation with training needs a training rollout job and engines on their own devices;
-    DAPO's refills sample at step time, from group-relative advantages."""
+    DAPO's refills need group-relative advantages (any rollout mode: async refills as groups are scored)."""
     r = cfg.rollout
     if cfg.algo.filter_groups:
         if cfg.job != "grpo":
             raise ConfigError(f"algo.filter_groups: drops prompts whose samples' rewards are all equal, which carry "
                               f"no group-relative advantage; job {cfg.job} does not use one (use job grpo)")
-        if r.mode != "sync":
-            raise ConfigError(f"algo.filter_groups: refills a step's batch with new samples at step time, which "
-                              f"rollout.mode {r.mode} does not support yet (use rollout.mode sync)")
         if r.n_samples < 2:
             raise ConfigError("algo.filter_groups: a group of rollout.n_samples=1 never has differing rewards; "
                               "use n_samples >= 2")
@@ -429,7 +426,8 @@ MULTI_TURN_JOBS = ("ppo", "grpo", "online_dpo")
 
 
 def _check_multi_turn(cfg: "Config") -> None:
-    """Multi-turn episodes (``rlhf_ray.agentic``): a training job that samples with sync rollouts, observations
+    """Multi-turn episodes (``rlhf_ray.agentic``): a training job that samples with sync or one-step-off rollouts
+    (the async stream samples one request per sample, not episodes), observations
     rendered as chat turns, and a reward for the tool environment (which gives none itself)."""
     r = cfg.rollout
     if not r.multi_turn:
@@ -438,9 +436,9 @@ def _check_multi_turn(cfg: "Config") -> None:
     if cfg.job not in MULTI_TURN_JOBS:
         raise ConfigError(f"{key}: job {cfg.job} does not run multi-turn episodes yet; jobs "
                           f"{', '.join(MULTI_TURN_JOBS)} do")
-    if r.mode != "sync":
-        raise ConfigError(f"{key}: multi-turn episodes run with rollout.mode sync for now, got rollout.mode "
-                          f"{r.mode}; set rollout.mode=sync (or drop {key})")
+    if r.mode == "async":
+        raise ConfigError(f"{key}: multi-turn episodes run with rollout.mode sync or one_step_off for now, got "
+                          f"rollout.mode async; set rollout.mode=one_step_off (or drop {key})")
     if not cfg.data.apply_chat_template:
         raise ConfigError(f"{key}: observations are appended as chat turns in the chat template's markup; set "
                           "data.apply_chat_template=true (the tokenizer needs a chat template)")

@@ -4,8 +4,8 @@
                    with ``algo.filter_groups`` (DAPO) they are scored at once, and groups whose rewards are all
                    equal are replaced by groups of the next prompts;
                    with ``rollout.mode: one_step_off`` they sampled them during the previous step, and now start
-                   on the next batch while this one trains; with ``async`` they sample and score continuously,
-                   and the step takes the oldest groups of their queue
+                   on the next batch while this one trains; with ``async`` they sample and score continuously
+                   (the reference's log-probs too), and the step takes the oldest groups of their queue
     2. score       reward functions here, while the reward model, reference, policy (old log-probs,
                    unless ``algo.old_logprobs: update`` takes them from step 4's own forward pass) and
                    critic run their forward passes on their own groups
@@ -24,7 +24,7 @@ sync and evaluation are ``RolloutLoop``'s, and epochs, checkpoints and the run a
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -36,6 +36,7 @@ from rlhf_ray.controller.rollout_loop import RolloutLoop
 from rlhf_ray.metrics import PhaseTimer
 from rlhf_ray.objectives.common import TokenLogprobs
 from rlhf_ray.objectives.rl import PolicyLoss, TokenValues, ValueLoss
+from rlhf_ray.types import RolloutBatch
 
 
 class RLLoop(RolloutLoop):
@@ -67,7 +68,7 @@ class RLLoop(RolloutLoop):
         forwards = {}
         if rl.old_logprobs == "learner":
             forwards["old_logprobs"] = self.policy.forward_async(batch, self.logprobs)
-        if roles.reference is not None:
+        if roles.reference is not None and batch.ref_logprobs is None:  # async: computed as the groups finished
             forwards["reference"] = roles.reference.forward_async(batch, self.logprobs)
         if roles.critic is not None:
             forwards["critic"] = roles.critic.forward_async(batch, TokenValues())
@@ -78,7 +79,8 @@ class RLLoop(RolloutLoop):
             metrics[f"timing/{name}_s"] = seconds
         if rl.old_logprobs != "update":  # update: pi_old comes from the update's own forward pass
             batch.old_logprobs = results["old_logprobs"][0] if "old_logprobs" in results else batch.rollout_logprobs
-        batch.ref_logprobs = results["reference"][0] if "reference" in results else None
+        if "reference" in results:
+            batch.ref_logprobs = results["reference"][0]
         batch.values = results["critic"][0] if "critic" in results else None
 
         # 3. advantages
@@ -110,6 +112,13 @@ class RLLoop(RolloutLoop):
         metrics.update(critic_metrics(critic_steps))
         metrics["kl/coef"] = kl_coef
         return self.finish_metrics(metrics, timer, batch, gens, sync, t_step)
+
+    def group_reference(self) -> Optional[Callable[[RolloutBatch], Any]]:
+        reference = self.roles.reference
+        if reference is None:
+            return None
+        logprobs = TokenLogprobs(temperature=self.spec.temperature)
+        return lambda batch: reference.forward_async(batch, logprobs)
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "kl": self.kl.state_dict()}

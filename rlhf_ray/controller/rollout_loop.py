@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
@@ -63,7 +64,8 @@ class Ahead:
     indices: list[int]
     """Their prompts' positions in the prompt set (taken from the cursor when the engines started on them)."""
     pending: Any
-    """A ``PendingGeneration`` (``result()`` -> batch, generations), or those already at hand (``Done``)."""
+    """A ``PendingGeneration`` (``result()`` -> batch, generations), the ``Future`` of a thread running multi-turn
+    episodes (the same result), or those already at hand (``Done``)."""
     version: int
     """The policy version (updates applied) of the weights that sampled them."""
 
@@ -113,9 +115,12 @@ class RolloutLoop(TrainLoop):
         self.stream: Optional[RolloutStream] = None
         if self.cfg.rollout.mode == "async":
             r = self.cfg.rollout
+            a = self.cfg.algo
             self.stream = RolloutStream(roles.rollout, prompts, self.cursor, self.spec, self.scorer,
                                         tokenizer.pad_token_id, schedule.items_per_step, schedule.total_steps,
-                                        r.max_staleness, r.partial, self.sampling_seed, self.cfg.train.timeout_s)
+                                        r.max_staleness, r.partial, self.sampling_seed, self.cfg.train.timeout_s,
+                                        self.group_reference(),
+                                        a.max_filter_rounds if a.filter_groups else None)
         self.last_sync: dict[str, float] = {"seconds": 0.0, "bytes": 0.0}
         self.rows: list = []
         """Each sequence's prompt in the step's batch (for ``logging.rollouts``)."""
@@ -125,6 +130,10 @@ class RolloutLoop(TrainLoop):
             from rlhf_ray.agentic.episodes import EpisodeRunner
 
             self.episodes = EpisodeRunner.from_resolved(resolved, tokenizer)
+        self.ahead_thread: Optional[ThreadPoolExecutor] = None
+        """One step off with episodes: the thread that drives the next batch's turns while the step trains."""
+        if self.episodes is not None and self.one_step_off:
+            self.ahead_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="episodes-ahead")
 
     def state_roles(self) -> dict[str, "LearnerRole"]:
         roles = {"actor": self.policy}
@@ -151,6 +160,8 @@ class RolloutLoop(TrainLoop):
     def close(self) -> None:
         if self.stream is not None:
             self.stream.close()
+        if self.ahead_thread is not None:
+            self.ahead_thread.shutdown(wait=False, cancel_futures=True)
 
     def save_files(self, directory: Path, step: int) -> None:
         """One step off: the batch the engines are generating for ``step`` (finished first), so that a resumed
@@ -201,6 +212,11 @@ class RolloutLoop(TrainLoop):
         per_step = self.schedule.items_per_step
         self.cursor.taken = int(state.get("prompts_taken", state["step"] * per_step))
         self.cursor.returned = [int(i) for i in state.get("prompts_returned", [])]
+
+    def group_reference(self) -> Optional[Callable[[Any], Any]]:
+        """What starts the reference forward of a chunk of finished groups in the async stream (so it runs as
+        samples finish); None: the step runs it, or the job has no reference on its rollouts."""
+        return None
 
     # ---- pieces of a step ---------------------------------------------------------------------------
     def sampling_seed(self, step: int, round_: int = 0) -> int:
@@ -255,7 +271,7 @@ class RolloutLoop(TrainLoop):
                 batch, gens = self.on_engines(sample)
                 version = self.engine_version
         batch.staleness = step - version
-        if self.one_step_off and step + 1 < self.schedule.total_steps and not round_:
+        if self.one_step_off and step + 1 < self.schedule.total_steps and not self.cfg.algo.filter_groups:
             self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
@@ -268,10 +284,10 @@ class RolloutLoop(TrainLoop):
         """Step 1: the step's samples as (batch, generations, each sequence's prompt, metrics). Scored already
         (``batch.rewards`` set, reward metrics included) when they are scored as they are sampled: DAPO's refills
         (``algo.filter_groups``) and the async stream; else the caller scores them, overlapping its forwards."""
-        if self.cfg.algo.filter_groups:
-            out = self.varied_batch(step, timer)
-        elif self.stream is not None:
+        if self.stream is not None:  # with algo.filter_groups too: the stream refills as it scores
             out = self.streamed_batch(step, timer)
+        elif self.cfg.algo.filter_groups:
+            out = self.varied_batch(step, timer)
         else:
             out = (*self.generate(timer, step), {})
         self.rows = out[2]
@@ -294,6 +310,8 @@ class RolloutLoop(TrainLoop):
         batch = batch_of([p.prompt_ids for p in prompts], gens, self.tokenizer.pad_token_id)
         rows = attach_prompts(batch, prompts)
         batch.rewards = torch.cat([g.rewards for g in groups])
+        if groups[0].ref_logprobs is not None:  # computed as the groups finished
+            batch.ref_logprobs = batch.from_actions([lp for g in groups for lp in g.ref_logprobs])
         ages = np.concatenate([[self.version - int(v.min()) if len(v) else 0 for v in g.versions] for g in groups])
         batch.staleness = int(ages.max())
         metrics = reward_means({k: torch.cat([g.parts[k] for g in groups]) for k in groups[0].parts})
@@ -301,6 +319,8 @@ class RolloutLoop(TrainLoop):
         metrics.update({"rollout/staleness_mean": float(ages.mean()),
                         "rollout/partial_samples": float(sum(g.continued for g in groups)),
                         "rollout/score_s": sum(g.score_s for g in groups)})
+        if batch.ref_logprobs is not None:
+            metrics["rollout/reference_s"] = sum(g.reference_s for g in groups)
         return batch, gens, rows, metrics
 
     def varied_batch(self, step: int, timer: PhaseTimer) -> tuple[Any, Any, list, dict[str, float]]:
@@ -308,16 +328,19 @@ class RolloutLoop(TrainLoop):
         whose rewards differ (``algos.filtering.varied_groups``), and sample the shortfall from the next prompts,
         for at most ``algo.max_filter_rounds`` more rounds; still short, the batch is topped up with dropped groups
         (zero advantage) so that its shape holds. Returns (batch with rewards, generations, rows, metrics): the
-        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts."""
+        reward metrics of the first round (the step's own prompts as sampled) and ``filter/*`` counts.
+
+        One step off, round 0 is the batch the engines sampled during the previous step; the refills are sampled
+        now, by the same weights (the sync is deferred), and the engines start on the next step's batch after them."""
         from rlhf_ray.algos.filtering import varied_groups
         from rlhf_ray.controller.roles import batch_of
         from rlhf_ray.engines.rollout_engine import Generations
 
         need = B = self.schedule.items_per_step
-        kept, flat, metrics, seconds, round_, taken = [], [], {}, 0.0, 0, 0
+        kept, flat, metrics, seconds, round_, taken, staleness = [], [], {}, 0.0, 0, 0, 0
         while True:  # each group: (its prompt, its samples, their rewards)
             batch, gens, rows = self.generate(timer, step, need, round_)
-            taken += need
+            taken, staleness = taken + need, max(staleness, batch.staleness)
             scored = self.score(batch, rows, timer)
             metrics = metrics or scored  # the first round's: the step's own prompts, as sampled
             seconds += gens.seconds
@@ -333,6 +356,9 @@ class RolloutLoop(TrainLoop):
         merged = Generations.of_groups([samples for _, samples, _ in chosen], seconds)
         out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
         out.rewards = torch.cat([rewards for _, _, rewards in chosen])
+        out.staleness = staleness
+        if self.one_step_off and step + 1 < self.schedule.total_steps:
+            self.start_ahead(step + 1, timer)
         metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
                         "filter/kept_groups": float(min(len(kept), B)),
                         "filter/dropped_groups": float(len(flat)),
@@ -348,6 +374,9 @@ class RolloutLoop(TrainLoop):
 
         def launch() -> Any:
             self.roles.rollout.reseed(self.sampling_seed(step))
+            if self.ahead_thread is not None:  # multi-turn: the turns need a driver; its future is the pending result
+                return self.ahead_thread.submit(self.episodes.run, self.roles.rollout, prompts, self.spec,
+                                                self.tokenizer.pad_token_id)
             return self.roles.rollout.generate_async([p.prompt_ids for p in prompts], self.spec,
                                                      self.tokenizer.pad_token_id)
 

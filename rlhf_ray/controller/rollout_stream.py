@@ -2,13 +2,17 @@
 
 A background thread keeps the engines busy: it starts prompts (``rollout.n_samples`` requests each), polls the
 engines for finished samples, scores each group once its samples are all in (reward functions and reward model,
-while the learners train) and queues it, every token tagged with the policy version that sampled it. A step takes
+and the reference model's log-probs, while the learners train) and queues it, every token tagged with the policy
+version that sampled it. A step takes
 the ``prompts_per_step`` oldest groups ready; one more than ``max_staleness`` versions older than the policy (its
 oldest token) is dropped, counted, and its prompt given back to be sampled again, so every prompt of an epoch is
-still trained on once.
+still trained on once. With ``algo.filter_groups`` (DAPO's dynamic sampling) a group whose rewards are all equal
+is dropped as it is scored and one more prompt is started in its place, at most ``algo.max_filter_rounds`` step
+batches of refills per step admitted; past that bound such groups are queued as they are (zero advantage), as
+sync tops a step up.
 
 Admission bounds the age: at policy version v the stream has started at most (v + max_staleness + 1) groups per
-step (plus one for each group dropped), so a group is old only when a long response outlives its turn. With
+step (plus one for each group dropped or refilled), so a group is old only when a long response outlives its turn. With
 ``max_staleness`` 0 the engines sample a step's prompts only once the policy has the weights of every update
 before it, with the step's seed: exactly what ``rollout.mode: sync`` samples.
 
@@ -34,6 +38,7 @@ import numpy as np
 import ray
 import torch
 
+from rlhf_ray.algos.filtering import varied_groups
 from rlhf_ray.controller.reward_scoring import attach_prompts
 from rlhf_ray.controller.worker_group import RemoteCallTimeout, wait_named
 from rlhf_ray.engines.rollout_engine import Generations, SamplingSpec, StreamPiece, StreamRequest
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from rlhf_ray.controller.reward_scoring import RewardScorer
     from rlhf_ray.controller.roles import RolloutRole
     from rlhf_ray.data.prompts import PromptSet
+    from rlhf_ray.types import RolloutBatch
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +74,12 @@ class StreamedGroup:
     score_s: float = 0.0
     continued: int = 0
     """Samples interrupted by a weight sync and continued under the new weights (``rollout.partial``)."""
+    ref_logprobs: Optional[list[torch.Tensor]] = None
+    """Per sample, the reference model's log-probs of its sampled tokens (when the run has a reference)."""
+    reference_s: float = 0.0
+    """Its share of the seconds the reference forward of its chunk took."""
+    flat: bool = False
+    """Its rewards are all equal and it was queued past the refill bound (``algo.filter_groups``)."""
 
     def oldest(self) -> int:
         """The version of its oldest token."""
@@ -76,13 +88,15 @@ class StreamedGroup:
     def to_state(self) -> dict[str, Any]:
         return {"gid": self.gid, "prompt": self.prompt, "gens": self.gens.to_state(),
                 "versions": [torch.as_tensor(v) for v in self.versions], "rewards": self.rewards,
-                "parts": dict(self.parts), "continued": self.continued}
+                "parts": dict(self.parts), "continued": self.continued, "ref_logprobs": self.ref_logprobs,
+                "flat": self.flat}
 
     @staticmethod
     def from_state(state: dict[str, Any]) -> "StreamedGroup":
         return StreamedGroup(int(state["gid"]), int(state["prompt"]), Generations.from_state(state["gens"]),
                              [v.numpy() for v in state["versions"]], state["rewards"], dict(state["parts"]),
-                             continued=int(state["continued"]))
+                             continued=int(state["continued"]), ref_logprobs=state.get("ref_logprobs"),
+                             flat=bool(state.get("flat", False)))
 
 
 @dataclass
@@ -132,8 +146,12 @@ class RolloutStream:
 
     def __init__(self, rollout: "RolloutRole", prompts: "PromptSet", cursor: "PromptCursor", spec: SamplingSpec,
                  scorer: "RewardScorer", pad_id: int, prompts_per_step: int, total_steps: int, max_staleness: int,
-                 partial: bool, seed_of: Callable[[int, int], int], timeout_s: float):
+                 partial: bool, seed_of: Callable[[int, int], int], timeout_s: float,
+                 reference: Optional[Callable[["RolloutBatch"], Any]] = None, refill_rounds: Optional[int] = None):
+        """``reference``: starts the reference model's log-prob forward of a batch (a ``PendingForward``), run on
+        each scored chunk of groups; ``refill_rounds``: ``algo.max_filter_rounds`` with ``algo.filter_groups``."""
         self.rollout, self.prompts, self.cursor, self.spec = rollout, prompts, cursor, spec
+        self.reference, self.refill_rounds = reference, refill_rounds
         self.scorer, self.pad_id = scorer, pad_id
         self.B, self.total_steps, self.max_staleness, self.partial = prompts_per_step, total_steps, max_staleness, partial
         self.seed_of, self.timeout_s = seed_of, timeout_s
@@ -148,6 +166,10 @@ class RolloutStream:
         """Groups started so far (a prompt given back and started again counts twice)."""
         self.dropped = 0
         """Groups dropped for staleness so far."""
+        self.refilled = 0
+        """Groups dropped for equal rewards and replaced by another prompt so far (``algo.filter_groups``)."""
+        self.refilled_since = 0
+        """Of those, the ones since the last step took its groups."""
         self.pause_wanted: Optional[str] = None
         """None, "drain" (finish the samples in flight) or "interrupt" (stop them, to continue after)."""
         self.paused = False
@@ -207,9 +229,16 @@ class RolloutStream:
                     self.ready.sort(key=lambda g: g.gid)
                     taken, self.ready = self.ready[:self.B], self.ready[self.B:]
                     busy, self.busy = max(self.busy), [0.0] * len(self.busy)
-                    return taken, {"rollout/dropped_stale": float(dropped), "rollout/queue_ready": float(len(self.ready)),
-                                   "generate_engine_s": busy, "sync_seconds": synced["seconds"],
-                                   "sync_bytes": synced["bytes"]}
+                    numbers = {"rollout/dropped_stale": float(dropped), "rollout/queue_ready": float(len(self.ready)),
+                               "generate_engine_s": busy, "sync_seconds": synced["seconds"],
+                               "sync_bytes": synced["bytes"]}
+                    if self.refill_rounds is not None:
+                        flat = sum(g.flat for g in taken)
+                        numbers.update({"filter/kept_groups": float(self.B - flat),
+                                        "filter/topped_up_groups": float(flat),
+                                        "filter/dropped_groups": float(self.refilled_since)})
+                        self.refilled_since = 0
+                    return taken, numbers
                 due = self.engine_version < self.version and not any(self.active)
             if due:
                 done = self.sync_if_due(push)
@@ -267,11 +296,13 @@ class RolloutStream:
     def state(self) -> dict[str, Any]:
         """What a checkpoint holds (the thread paused with "drain": nothing in flight)."""
         assert not any(self.active) and not self.waiting
-        return {"groups": [g.to_state() for g in self.ready], "admitted": self.admitted, "dropped": self.dropped}
+        return {"groups": [g.to_state() for g in self.ready], "admitted": self.admitted, "dropped": self.dropped,
+                "refilled": self.refilled, "refilled_since": self.refilled_since}
 
     def load_state(self, state: dict[str, Any]) -> None:
         self.ready = [StreamedGroup.from_state(g) for g in state["groups"]]
         self.admitted, self.dropped = int(state["admitted"]), int(state["dropped"])
+        self.refilled, self.refilled_since = int(state.get("refilled", 0)), int(state.get("refilled_since", 0))
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -308,10 +339,25 @@ class RolloutStream:
         self._poll()
         return True
 
+    def _steps_admitted(self) -> int:
+        """The step batches the staleness bound lets the stream have started at the policy's version (under cond)."""
+        return min(self.version + self.max_staleness + 1, self.total_steps)
+
     def _admissible(self) -> int:
         """Groups the bound lets the stream start now (under cond)."""
-        steps = min(self.version + self.max_staleness + 1, self.total_steps)
-        return max(0, steps * self.B + self.dropped - self.admitted)
+        return max(0, self._steps_admitted() * self.B + self.dropped + self.refilled - self.admitted)
+
+    def _refill(self, group: StreamedGroup) -> bool:
+        """Whether a scored group is dropped for equal rewards, another prompt started in its place
+        (``algo.filter_groups``, under cond): at most ``refill_rounds`` step batches per step admitted."""
+        if self.refill_rounds is None or varied_groups(group.rewards, torch.zeros(len(group.rewards))):
+            return False
+        if self.refilled >= self.refill_rounds * self.B * self._steps_admitted():
+            group.flat = True
+            return False
+        self.refilled += 1
+        self.refilled_since += 1
+        return True
 
     def _start(self, prompts: list[int], first: int) -> None:
         """Start groups ``first``.. for ``prompts``: the engines reseeded for them, split as sync splits a step."""
@@ -438,8 +484,13 @@ class RolloutStream:
         merged = Generations.of_groups(gens, 0.0)
         batch = batch_of([p.prompt_ids for p in prompts], merged, self.pad_id)
         rows = attach_prompts(batch, prompts)
+        reference = self.reference(batch) if self.reference is not None else None
         pending = self.scorer.start(batch, [p.prompt for p in rows])
         rewards, parts, _ = self.scorer.finish_samples(batch, pending, batch.prompts, batch.row_fields)
+        ref, ref_s = None, 0.0
+        if reference is not None:
+            ref_logprobs, ref_s = reference.result()
+            ref = batch.at_actions(ref_logprobs)
         seconds = time.perf_counter() - t0
         out, at = [], 0
         for group, g in zip(groups, gens):
@@ -447,10 +498,11 @@ class RolloutStream:
             out.append(StreamedGroup(group.gid, group.prompt, g, [np.concatenate(s.versions) for s in group.samples],
                                      rewards[at:at + n].clone(), {k: v[at:at + n].clone() for k, v in parts.items()},
                                      seconds / len(groups),
-                                     sum(s.pieces > 1 for s in group.samples)))
+                                     sum(s.pieces > 1 for s in group.samples),
+                                     ref[at:at + n] if ref is not None else None, ref_s / len(groups)))
             at += n
         with self.cond:
-            self.ready += out
+            self.ready += [g for g in out if not self._refill(g)]
             self.cond.notify_all()
 
     def _call(self, e: int, method: str, *args: Any) -> Any:

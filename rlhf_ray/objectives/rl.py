@@ -29,14 +29,16 @@ if TYPE_CHECKING:
 class PolicyLoss:
     """Policy-gradient loss of one micro-batch.
 
-    per-token loss = w_t * L_pg(logp'_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t) - entropy_coef * H_t,
+    per-token loss = w_t * (L_pg(logp'_t, old_t, A_t) + kl_coef * KL_est(logp_t, ref_t)) - entropy_coef * H_t,
     aggregated by ``loss_agg`` over the mini-batch's ``BatchTotals``. logp' = logp at ``ratio_level`` token (PPO's
     ratio per token); at sequence, GSPO's rewrite (``algos.policy_loss.sequence_ratio``) whose ratio to old_t is
     the sequence's geometric-mean ratio, clipped by ``clip_low`` / ``clip_high`` (the config's sequence clip
     range then). w_t, detached, corrects for the engine's sampling distribution differing from the learner's:
     ``off_policy_correction`` names the function of ``rlhf_ray.algos.off_policy`` that derives it from
     exp(old_t - rollout_t) (None: pi_old is the engine's own, w = 1, no rollout log-probs needed); the KL term is
-    present only when the reference KL goes into the loss (``kl_in_loss``).
+    present only when the reference KL goes into the loss (``kl_in_loss``). w_t weighs it too: its tokens were
+    drawn by the engine as well, and the KL estimator's gradient is an expectation under pi_old
+    (E_mu[(pi_old/mu) grad KL_est] = E_pi_old[grad KL_est]); a masking correction drops both terms of a token.
 
     ``old_from_update`` (``algo.old_logprobs: update``): old_t = logp_t detached, this forward pass being the
     first of the step's only optimizer step (ratio 1, gradient A_t * grad logp_t); the micro-batch then
@@ -108,17 +110,19 @@ class PolicyLoss:
         pg_mat, clipped = get_policy_loss(self.policy_loss)(ratio_logp, old, mb["advantages"], self.clip_low,
                                                             self.clip_high, self.dual_clip)
         metrics: dict[str, float] = {}
+        weights = None
         if self.off_policy_correction is not None:
-            weights = get_off_policy_correction(self.off_policy_correction)(old, mb["rollout_logprobs"], mask,
-                                                                            self.off_policy)
-            pg_mat = pg_mat * weights.weights
-            metrics.update(importance_metric_sums(weights))
+            correction = get_off_policy_correction(self.off_policy_correction)(old, mb["rollout_logprobs"], mask,
+                                                                               self.off_policy)
+            weights = correction.weights
+            pg_mat = pg_mat * weights
+            metrics.update(importance_metric_sums(correction))
         total = pg_mat
         if self.old_from_update:
             metrics["old_rollout_absdiff_sum"] = float(((old - mb["rollout_logprobs"]).abs() * mask).sum())
         if self.kl_coef > 0:
             kl = kl_penalty(logp, mb["ref_logprobs"], self.kl_estimator)
-            total = total + self.kl_coef * kl
+            total = total + self.kl_coef * (kl if weights is None else weights * kl)
             metrics["kl_sum"] = float((kl.detach() * mask).sum())
         if self.entropy_coef > 0:
             entropy = entropy_from_logits(logits)

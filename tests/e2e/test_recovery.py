@@ -210,10 +210,12 @@ def test_evaluating_during_training_changes_no_training_sample_and_keeps_the_bes
 def test_async_rollouts_with_max_staleness_0_train_exactly_as_sync(straight, tiny_model_dir, tmp_path):
     """max_staleness 0: the stream may start a step's prompts only once the policy has every earlier update, and
     starts them with the step's seed, split over the engines as sync splits them; it scores each group as it
-    finishes. Every step's metrics equal the sync run's (rewards, losses, KL, the learner-vs-vLLM gap)."""
+    finishes, and the reference model's log-probs of it come from a forward of its chunk of groups, not of the
+    step's batch. Every step's metrics equal the sync run's (rewards, losses, KL, the learner-vs-vLLM gap)."""
     rows = _grpo(tiny_model_dir, tmp_path / "run", **{"rollout.mode": "async", "rollout.max_staleness": 0})
     assert [{k: r[k] for k in straight[0]} for r in rows] == straight
     assert all(r["rollout/dropped_stale"] == r["rollout/partial_samples"] == 0 for r in rows)
+    assert all(r["rollout/reference_s"] > 0 for r in rows)  # the reference ran on the groups as they finished
 
 
 def test_async_partial_rollouts_survive_a_learner_kill_taking_every_prompt_once(tiny_model_dir, tmp_path):

@@ -164,10 +164,14 @@ def test_bad_reward_spec_fails_before_any_actor_starts(tiny_model_dir, tmp_path,
     assert not (tmp_path / "x" / "placement.json").exists()
 
 
-def test_grpo_dynamic_sampling_refills_groups_without_signal(ray_cluster, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["one_step_off", "async"])
+def test_grpo_dynamic_sampling_refills_groups_without_signal(ray_cluster, tiny_model_dir, tmp_path, mode):
     """algo.filter_groups (DAPO) on the untrained model and the math reward: most groups are all 0 (chance ~0.03
     per sample), so steps refill from the next prompts, up to 2 extra rounds, then top up with dropped groups.
-    Every step trains on exactly prompts_per_step groups, and the checkpoint's cursor is the prompts taken."""
+    Every step trains on exactly prompts_per_step groups. One step off (whose first step is sampled as sync samples,
+    through the same refill loop) counts rounds, and the checkpoint's cursor is the prompts taken: the refills are
+    sampled at step time, the next batch after them. Async drops a flat group as it is scored and starts another
+    prompt in its place, within the same bound."""
     from rlhf_ray.config import load_config
     from rlhf_ray.jobs import rl
 
@@ -175,18 +179,26 @@ def test_grpo_dynamic_sampling_refills_groups_without_signal(ray_cluster, tiny_m
     cfg = load_config(REPO / "examples" / "grpo_tiny_cpu.yaml", values={
         "model.path": tiny_model_dir, "train.output_dir": str(out), "algo.total_steps": 3,
         "algo.prompts_per_step": 4, "rollout.n_samples": 4, "learner.micro_batch_size": 8,
-        "algo.filter_groups": True, "algo.max_filter_rounds": 2, "logging.progress_bar": False})
+        "algo.filter_groups": True, "algo.max_filter_rounds": 2, "logging.progress_bar": False,
+        "rollout.mode": mode})
     rl.run(cfg)
     rows = read_metrics(out / "metrics.jsonl")
     assert len(rows) == 3
     for r in rows:
         assert r["filter/kept_groups"] + r["filter/topped_up_groups"] == 4  # the batch shape holds
         assert r["rollout/sequences"] == 16
-        assert 0 <= r["filter/rounds"] <= 2
-        # round 0 takes 4 prompts, each later round the shortfall of varied groups
-        assert 4 <= r["filter/prompts_taken"] <= 4 + 2 * 4
-        assert r["filter/dropped_groups"] >= r["filter/topped_up_groups"]
-    assert any(r["filter/rounds"] > 0 for r in rows), rows  # chance 0.03: all-zero groups are the common case
+        assert r["rollout/staleness"] <= 1
+        if mode != "async":
+            assert 0 <= r["filter/rounds"] <= 2
+            # round 0 takes 4 prompts, each later round the shortfall of varied groups
+            assert 4 <= r["filter/prompts_taken"] <= 4 + 2 * 4
+            assert r["filter/dropped_groups"] >= r["filter/topped_up_groups"]
+    # chance 0.03: all-zero groups are the common case, so refills happen
+    assert sum(r["filter/dropped_groups"] for r in rows) > 0, rows
+    if mode == "async":  # at most 2 step batches of refills per step admitted (3 steps: 2 * 4 * 3)
+        assert sum(r["filter/dropped_groups"] for r in rows) <= 2 * 4 * 3
+        return
+    assert any(r["filter/rounds"] > 0 for r in rows), rows
     state = json.loads((out / "checkpoints" / "step_000003" / "trainer_state.json").read_text())
     assert state["prompts_taken"] == sum(r["filter/prompts_taken"] for r in rows)
 

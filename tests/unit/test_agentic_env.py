@@ -144,8 +144,8 @@ def test_bad_environment_and_tool_specs_fail_before_any_actor_starts(tiny_model_
         ([f"rollout.tools=[{tmp_path / 'missing.py'}]"], "config error: rollout.tools: tool file not found: "),
         (["rollout.tools=[]", f"rollout.env={env_file}:Nope"], f"config error: rollout.env: environment file "
                                                                 f"{env_file} has no class 'Nope'"),
-        (["rollout.tools=[]", f"rollout.env={env_file}", "rollout.mode=one_step_off"],
-         "config error: rollout.env: multi-turn episodes run with rollout.mode sync for now"),
+        (["rollout.tools=[]", f"rollout.env={env_file}", "rollout.mode=async"],
+         "config error: rollout.env: multi-turn episodes run with rollout.mode sync or one_step_off for now"),
     ]:
         code = main(["validate", example, f"model.path={tiny_model_dir}", f"train.output_dir={tmp_path / 'x'}",
                      *overrides])

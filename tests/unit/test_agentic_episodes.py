@@ -398,8 +398,8 @@ def _resolve(*overrides):
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["rollout.mode=one_step_off"], "rollout.tools: multi-turn episodes run with rollout.mode sync for now, got "
-                                    "rollout.mode one_step_off"),
+    (["rollout.mode=async"], "rollout.tools: multi-turn episodes run with rollout.mode sync or one_step_off for "
+                             "now, got rollout.mode async"),
     (["job=eval"], "rollout.tools: job eval does not run multi-turn episodes yet"),
     (["reward.functions=[]"], "reward.functions: the tool environment (rollout.tools) gives no reward of its own"),
     (["data.apply_chat_template=false"], "rollout.tools: observations are appended as chat turns"),

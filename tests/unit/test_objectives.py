@@ -198,6 +198,37 @@ def test_policy_objective_applies_the_off_policy_correction(model, name, params,
     assert (metrics["importance_capped_sum"], metrics["importance_masked_sum"]) == (capped, masked)
 
 
+@pytest.mark.parametrize("name, params, weight_sum", [
+    ("none", {}, 6.0),                                                   # w = 1 on the 6 action tokens
+    ("token_tis", {"cap": 2.0}, (2 + 0.4 + 1) + (1 + 1.2 + 1.25)),     # 3 capped to 2: 6.85
+    ("icepop", {"low": 0.5, "high": 2.0}, 1 + (1 + 1.2 + 1.25)),        # 3 and 0.4 masked: 4.45
+])
+def test_policy_objective_weighs_the_kl_in_the_loss_like_the_policy_term(model, name, params, weight_sum):
+    """algo.kl_in: loss with a correction: the KL term of a token sampled by the engine is weighed by the same w_t
+    as its policy-gradient term. Zero advantages leave the KL term alone: pi = pi_old and ref = pi_old - 0.5 on
+    the action tokens, so k1 = logp - ref = 0.5 there, and loss = kl_coef * 0.5 * sum_t w_t / 6 (token_mean),
+    with the token ratios of ``OFF_POLICY_CASES`` (row 0 [3, 0.4, 1], row 1 [1, 1.2, 1.25])."""
+    from rlhf_ray.algos.off_policy import OffPolicyParams
+
+    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
+    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
+    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    with torch.no_grad():
+        old = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
+    d = torch.zeros(2, 6)
+    d[0, 2:5] = torch.log(torch.tensor([3.0, 0.4, 1.0]))
+    d[1, 3:6] = torch.log(torch.tensor([1.0, 1.2, 1.25]))
+    mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
+          "advantages": torch.zeros(2, 6), "rollout_logprobs": old - d, "ref_logprobs": old - 0.5 * action}
+    objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
+                           temperature=1.0, entropy_coef=0.0, kl_estimator="k1", kl_in_loss=True,
+                           off_policy_correction=None if name == "none" else name, old_from_update=False,
+                           off_policy=OffPolicyParams(**params)).with_kl_coef(0.1)
+    loss, metrics = objective(model, mb, BatchTotals(tokens=6, sequences=2, horizon=3, grad_scale=1.0))
+    assert float(loss.detach()) == pytest.approx(0.1 * 0.5 * weight_sum / 6, abs=1e-6)
+    assert metrics["kl_sum"] == pytest.approx(6 * 0.5, abs=1e-5)  # the KL metric itself stays unweighted
+
+
 def test_policy_objective_without_a_correction_needs_no_rollout_logprobs(model):
     """off_policy_correction None (pi_old is the engine's own): w = 1, no rollout log-probs, no importance sums."""
     ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0]])

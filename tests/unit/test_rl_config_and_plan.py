@@ -93,8 +93,6 @@ def test_shared_with_mismatched_sizes_is_refused():
      "rollout.mode: async generates while the learners train, which needs the engines on their own"),
     ({"job": "sft", "rollout.mode": "async"}, "rollout.mode: async overlaps generation with training; job sft"),
     ({"job": "ppo", "algo.filter_groups": True}, "algo.filter_groups: drops prompts whose samples' rewards are all"),
-    ({"job": "grpo", "algo.filter_groups": True, "rollout.mode": "one_step_off"},
-     "algo.filter_groups: refills a step's batch with new samples at step time"),
     ({"job": "grpo", "algo.max_filter_rounds": -1}, "algo.max_filter_rounds: must be >= 0"),
     ({"job": "grpo", "algo.importance_cap": None},
      "algo.importance_cap: null no longer turns the importance correction off; off_policy_correction=token_tis"),
