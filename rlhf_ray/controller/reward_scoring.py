@@ -98,19 +98,28 @@ def ordered_verdicts(gens: Any) -> list[str]:
     return verdicts
 
 
-class PairJudge:
+class OnJudgeEngines:
+    """What both judges hold: the ``judge`` engines, the judge's tokenizer, and how a verdict is sampled (one per
+    judge prompt, ``reward.judge.temperature`` / ``max_new_tokens``)."""
+
+    def __init__(self, cfg: JudgeConfig, engines: Any, tokenizer: Any):
+        from rlhf_ray.engines.rollout_engine import SamplingSpec
+
+        self.cfg, self.engines, self.tokenizer = cfg, engines, tokenizer
+        self.spec = SamplingSpec(n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+class PairJudge(OnJudgeEngines):
     """``reward.judge.pairwise`` (online DPO): the judge compares two responses of a prompt in both orders; the
     pair is labelled only when the two verdicts agree (``rewards.judge.pair_label``)."""
 
     def __init__(self, cfg: JudgeConfig, engines: Any, tokenizer: Any):
-        from rlhf_ray.engines.rollout_engine import SamplingSpec
         from rlhf_ray.rewards.judge import load_pair_template
 
-        self.cfg, self.engines, self.tokenizer = cfg, engines, tokenizer
+        super().__init__(cfg, engines, tokenizer)
         self.template = load_pair_template(cfg.pairwise_template, cfg.reference_field)
         self.pattern = re.compile(cfg.preference_pattern)
-        self.spec = SamplingSpec(n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def label(self, candidates: list[tuple[int, int]], prompt_texts: list[str], responses: list[str],
               row_fields: dict[str, list]) -> tuple[list[tuple[int, int]], dict[str, float]]:
@@ -152,18 +161,15 @@ class PairJudge:
                        "online_dpo/judge_unparsable": float(unparsable)}
 
 
-class JudgeScorer:
+class JudgeScorer(OnJudgeEngines):
     """``reward.judge``: renders each sample through the template (the judge tokenizer's chat template around it
     when it has one), has the ``judge`` engines write verdicts, and parses them (``rewards.judge``)."""
 
     def __init__(self, cfg: JudgeConfig, engines: Any, tokenizer: Any):
-        from rlhf_ray.engines.rollout_engine import SamplingSpec
         from rlhf_ray.rewards.judge import PointwiseJudge
 
-        self.cfg, self.engines, self.tokenizer = cfg, engines, tokenizer
+        super().__init__(cfg, engines, tokenizer)
         self.judge = PointwiseJudge.from_config(cfg)
-        self.spec = SamplingSpec(n=1, temperature=cfg.temperature, max_tokens=cfg.max_new_tokens)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def prompt_ids(self, prompt_texts: list[str], responses: list[str], row_fields: dict[str, list]) -> list[list[int]]:
         """The judge's prompt tokens for each sample."""
@@ -178,9 +184,7 @@ class JudgeScorer:
         """(weight * the judge's scaled scores (B,), metrics: ``timing/judge_s``, ``reward/judge_unparsable``)."""
         _, gens = pending.result()
         seconds = time.perf_counter() - pending.started
-        verdicts = ordered_verdicts(gens)
-        rewards, unparsable = self.judge.rewards(verdicts)
-        self.last_verdicts = verdicts
+        rewards, unparsable = self.judge.rewards(ordered_verdicts(gens))
         return (torch.tensor(rewards, dtype=torch.float32),
                 {"timing/judge_s": seconds, "reward/judge_unparsable": float(unparsable)})
 
