@@ -404,7 +404,8 @@ def overlap_summary(rows: list[dict], warmup: int) -> dict[str, Optional[float]]
     measured steps' means.
 
     gen = the engines' own seconds (``rollout/generate_engine_s``); score = the seconds async spent scoring the
-    step's groups off the step's path (``rollout/score_s``; 0 in the other modes, whose scoring is in rest); rest =
+    step's groups off the step's path (``rollout/score_s``, the reference forward of the groups included; 0 in the
+    other modes, whose scoring is in rest); rest =
     step - waiting for samples - weight sync (reward, forwards, update: what the overlapping modes hide generation
     behind); serial = gen + score + rest + sync (no overlap); ideal = max(gen, score, rest) + sync (all of it);
     overlap = (serial - step) / (serial - ideal), 1 = ideal.
