@@ -170,11 +170,9 @@ OFF_POLICY_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name, params, weighted_adv_sum, sums", OFF_POLICY_CASES)
-def test_policy_objective_applies_the_off_policy_correction(model, name, params, weighted_adv_sum, sums):
-    """The configured correction's weights multiply the per-token policy loss, and its metric sums come back."""
-    from rlhf_ray.algos.off_policy import OffPolicyParams
-
+def _off_policy_batch(model):
+    """``OFF_POLICY_CASES``' two sequences: (ids, attention, action mask, the model's log-probs as pi_old, d = old -
+    rollout with the token ratios exp(d) of the cases on the action tokens)."""
     ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
     attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
     action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
@@ -183,6 +181,15 @@ def test_policy_objective_applies_the_off_policy_correction(model, name, params,
     d = torch.zeros(2, 6)
     d[0, 2:5] = torch.log(torch.tensor([3.0, 0.4, 1.0]))
     d[1, 3:6] = torch.log(torch.tensor([1.0, 1.2, 1.25]))
+    return ids, attention, action, old, d
+
+
+@pytest.mark.parametrize("name, params, weighted_adv_sum, sums", OFF_POLICY_CASES)
+def test_policy_objective_applies_the_off_policy_correction(model, name, params, weighted_adv_sum, sums):
+    """The configured correction's weights multiply the per-token policy loss, and its metric sums come back."""
+    from rlhf_ray.algos.off_policy import OffPolicyParams
+
+    ids, attention, action, old, d = _off_policy_batch(model)
     adv = torch.tensor([[0, 0, 1.0, 1.0, 1.0, 0], [0, 0, 0, -2.0, -2.0, -2.0]])
     mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
           "advantages": adv, "rollout_logprobs": old - d}
@@ -210,14 +217,7 @@ def test_policy_objective_weighs_the_kl_in_the_loss_like_the_policy_term(model, 
     with the token ratios of ``OFF_POLICY_CASES`` (row 0 [3, 0.4, 1], row 1 [1, 1.2, 1.25])."""
     from rlhf_ray.algos.off_policy import OffPolicyParams
 
-    ids = torch.tensor([[5, 6, 7, 20, 21, 22, 0], [8, 9, 10, 11, 30, 31, 2]])
-    attention = torch.tensor([[1, 1, 1, 1, 1, 1, 0], [1] * 7])
-    action = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 1, 1]], dtype=torch.float32)
-    with torch.no_grad():
-        old = gather_token_logprobs(model(input_ids=ids, attention_mask=attention).logits[:, :-1], ids[:, 1:])
-    d = torch.zeros(2, 6)
-    d[0, 2:5] = torch.log(torch.tensor([3.0, 0.4, 1.0]))
-    d[1, 3:6] = torch.log(torch.tensor([1.0, 1.2, 1.25]))
+    ids, attention, action, old, d = _off_policy_batch(model)
     mb = {"input_ids": ids, "attention_mask": attention, "action_mask": action, "old_logprobs": old,
           "advantages": torch.zeros(2, 6), "rollout_logprobs": old - d, "ref_logprobs": old - 0.5 * action}
     objective = PolicyLoss(policy_loss="ppo_clip", clip_low=0.2, clip_high=0.2, dual_clip=None, loss_agg="token_mean",
