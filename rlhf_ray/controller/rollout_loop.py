@@ -230,7 +230,7 @@ class RolloutLoop(TrainLoop):
         """``rollout.n_samples`` responses to each of the next ``n_prompts`` prompts (default: a step's) as a
         ``RolloutBatch`` (with prompt texts and row fields, ``batch.staleness``), the raw generations, and each
         sequence's prompt example: sampled now, or (one step off) taken from the engines' work during the
-        previous step, which then start on the next batch.
+        previous step (``rollout_batch`` then starts them on the next batch).
 
         The engines are reseeded for the step (and refill round) they sample for, so a run resumed at any step,
         or an engine replaced mid-step, draws the samples an uninterrupted run drew."""
@@ -271,8 +271,6 @@ class RolloutLoop(TrainLoop):
                 batch, gens = self.on_engines(sample)
                 version = self.engine_version
         batch.staleness = step - version
-        if self.one_step_off and step + 1 < self.schedule.total_steps and not self.cfg.algo.filter_groups:
-            self.start_ahead(step + 1, timer)
         if self.hybrid:
             with timer("sleep_wake"):
                 self.roles.rollout.sleep()
@@ -290,6 +288,8 @@ class RolloutLoop(TrainLoop):
             out = self.varied_batch(step, timer)
         else:
             out = (*self.generate(timer, step), {})
+        if self.one_step_off and step + 1 < self.schedule.total_steps:  # once the step's samples (refills too) are in
+            self.start_ahead(step + 1, timer)
         self.rows = out[2]
         return out
 
@@ -357,8 +357,6 @@ class RolloutLoop(TrainLoop):
         out = batch_of([p.prompt_ids for p in prompts], merged, self.tokenizer.pad_token_id)
         out.rewards = torch.cat([rewards for _, _, rewards in chosen])
         out.staleness = staleness
-        if self.one_step_off and step + 1 < self.schedule.total_steps:
-            self.start_ahead(step + 1, timer)
         metrics.update({"filter/rounds": float(round_), "filter/prompts_taken": float(taken),
                         "filter/kept_groups": float(min(len(kept), B)),
                         "filter/dropped_groups": float(len(flat)),
